@@ -1,0 +1,76 @@
+"""Counting and listing adapters."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from jlora import tree as tree_lib
+
+
+class ParamCount(NamedTuple):
+  """``trainable``: Σ r·(in + out) per adapted matrix (per stacked layer) plus DoRA
+  magnitudes; ``total``: every base parameter plus the trainable ones (the
+  constant ``lora_scale``/``lora_dropout`` leaves are bookkeeping, not parameters)."""
+  trainable: int
+  total: int
+
+  @property
+  def fraction(self) -> float:
+    return self.trainable / self.total if self.total else 0.0
+
+
+def count_params(params) -> ParamCount:
+  """Trainable and total parameter counts of an adapted tree."""
+  flat = tree_lib.flatten(params)
+  sizes = {p: int(np.size(tree_lib.value(v))) for p, v in flat.items()}
+  trainable = sum(n for p, n in sizes.items() if tree_lib.is_trainable_path(p))
+  base = sum(n for p, n in sizes.items() if not tree_lib.is_adapter_path(p))
+  return ParamCount(trainable, base + trainable)
+
+
+def summary(params, print_fn=print) -> str:
+  """A table of adapted layers: path, shapes, rank, scale, params; and the trainable %.
+
+  Prints it with ``print_fn`` (pass ``None`` to only return it).
+  """
+  rows = [("path", "kind", "kernel", "lora_a", "lora_b", "rank", "scale", "params")]
+  for ad in tree_lib.adapters(params):
+    n = int(np.size(ad.a) + np.size(ad.b) + (np.size(ad.m) if ad.m is not None else 0))
+    scales = np.unique(np.asarray(ad.scale))
+    scale = f"{scales[0]:.4g}" if scales.size == 1 else f"{scales.min():.4g}..{scales.max():.4g}"
+    rows.append((ad.path + (" (dora)" if ad.m is not None else ""), _kind(ad),
+                 _shape(ad.kernel), _shape(ad.a), _shape(ad.b),
+                 str(ad.rank), scale, f"{n:,}"))
+  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+  lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+           for r in rows]
+  lines.insert(1, "-" * len(lines[0]))
+  c = count_params(params)
+  lines.append(f"{len(rows) - 1} adapted kernels; trainable {c.trainable:,} of {c.total:,}"
+               f" ({100 * c.fraction:.3f}%)")
+  text = "\n".join(lines)
+  if print_fn is not None:
+    print_fn(text)
+  return text
+
+
+def _kind(ad: tree_lib.Adapter) -> str:
+  """A label from the layout alone: embed, dense (one in and one out axis) or general."""
+  if tree_lib.split_leaf(ad.path)[1] == "embedding":
+    return "embed"
+  kind = "dense" if ad.n_in == ad.n_out == 1 else f"general {ad.n_in}->{ad.n_out}"
+  return kind + (f" x{ad.n_stack} stacked" if ad.n_stack else "")
+
+
+def _shape(x) -> str:
+  return "x".join(str(d) for d in np.shape(x)) or "()"
+
+
+def adapter_bytes(params) -> int:
+  """Bytes of the adapter leaves (what ``partition(params)[0]`` saves)."""
+  flat = tree_lib.flatten(params)
+  return sum(int(np.size(tree_lib.value(v))) * np.dtype(tree_lib.value(v).dtype).itemsize
+             for p, v in flat.items() if tree_lib.is_adapter_path(p))
+

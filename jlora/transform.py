@@ -1,0 +1,122 @@
+"""``jlora.init``: add adapter leaves next to the targeted kernels.
+
+For a kernel of shape ``S + I + O`` (stack, input and output axes; see
+``targets.Split``) with rank ``r`` and scale ``s``, ``init`` adds
+
+* ``lora_a``: ``S + I + (r,)``, ``lora_b``: ``S + (r,) + O``;
+* ``lora_scale``: ``S``, float32, the constant ``s``;
+* ``lora_m``: ``S + O`` with DoRA, the column norm ``||W||`` over the input axes;
+* ``lora_dropout``: ``S``, float32, the rate, when the config asks for dropout.
+
+so that ``delta = s * tensordot(lora_a, lora_b, axes=1)`` per stacked layer.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import jax
+import jax.numpy as jnp
+
+from jlora import split as split_lib
+from jlora import targets as targets_lib
+from jlora import tree as tree_lib
+from jlora.config import LoraConfig
+
+
+def init(key, params, cfg: LoraConfig, *, fn=None, args=(), kwargs=None):
+  """Returns ``params`` with adapter leaves beside every targeted kernel.
+
+  Args:
+    key: a ``jax.random`` key. Each kernel draws from ``fold_in(key, crc32(path))``,
+      so changing one layer's rank or the target set leaves other adapters as they were.
+    params: a linen variables dict, an ``nnx.State`` or a nested dict of arrays.
+      It is not modified.
+    cfg: the ``LoraConfig``.
+    fn, args, kwargs: optionally the function you will wrap with ``jlora.lora``
+      and example inputs; the kernels' in/out splits are then read from it
+      (``split.read``) instead of the default rule.
+
+  Returns:
+    A new tree. With ``init="pissa"`` or ``"olora"`` the targeted kernels hold the
+    residual ``W - s * A @ B``, so the returned tree (not the old base) is the one
+    to train, save and merge; ``merge`` of it gives back ``W`` up to rounding.
+
+  Raises:
+    ValueError: no kernel matched (the message lists candidates), a rank outside
+      ``[1, min(in, out)]``, a pattern key that matches no target, adapter leaves
+      already present, or a grouped convolution.
+    TypeError: a non-float kernel.
+  """
+  flat = tree_lib.flatten(params)
+  found = None
+  if fn is not None:
+    found = split_lib.read(fn, params, args, kwargs)
+  targets = targets_lib.select(flat, cfg, found)
+  out = dict(flat)
+  for t in targets:
+    k = jax.random.fold_in(key, zlib.crc32(t.path.encode()))
+    leaf = flat[t.path]
+    kernel, leaves = _init_one(k, tree_lib.value(leaf), t, cfg)
+    out[t.path] = tree_lib.rewrap(leaf, kernel)
+    head, name = tree_lib.split_leaf(t.path)
+    for role, arr in leaves.items():
+      out[tree_lib.join(head, tree_lib.adapter_name(name, role))] = tree_lib.new_leaf(leaf, arr, role)
+  return tree_lib.unflatten(out, params)
+
+
+def _init_one(key, w, t: targets_lib.Target, cfg: LoraConfig):
+  """The (possibly residual) kernel and the adapter leaves of one target."""
+  stack, ins, outs = t.stack_shape, t.in_shape, t.out_shape
+  r, s = t.rank, t.scale
+  dtype = jnp.dtype(cfg.dtype) if cfg.dtype is not None else w.dtype
+  fan_in, fan_out = math.prod(ins), math.prod(outs)
+  ka, kb = jax.random.split(key)
+  if cfg.init in ("pissa", "olora"):
+    a2, b2 = _from_weight(cfg.init, w.astype(jnp.float32).reshape(stack + (fan_in, fan_out)), r, s)
+    a = a2.reshape(stack + ins + (r,))
+    b = b2.reshape(stack + (r,) + outs)
+    w = (w.astype(jnp.float32) - s * (a2 @ b2).reshape(w.shape)).astype(w.dtype)
+  elif t.kind == "embed":  # PEFT/loralib: A = 0, B ~ N(0, 1) for embeddings
+    a = jnp.zeros(stack + ins + (r,), jnp.float32)
+    b = jax.random.normal(kb, stack + (r,) + outs, jnp.float32)
+  elif cfg.init == "kaiming":  # kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    bound = 1.0 / math.sqrt(fan_in)
+    a = jax.random.uniform(ka, stack + ins + (r,), jnp.float32, -bound, bound)
+    b = jnp.zeros(stack + (r,) + outs, jnp.float32)
+  else:  # gaussian: std 1/r, as PEFT
+    a = jax.random.normal(ka, stack + ins + (r,), jnp.float32) / r
+    b = jnp.zeros(stack + (r,) + outs, jnp.float32)
+  leaves = {"lora_a": a.astype(dtype), "lora_b": b.astype(dtype),
+            "lora_scale": jnp.full(stack, s, jnp.float32)}
+  if cfg.dora:
+    # m starts at ||W + s*A@B|| over the inputs, which equals ||W_original||: the
+    # merged DoRA kernel then equals W exactly at init.
+    v = w.astype(jnp.float32) + s * jnp.reshape(
+        a.reshape(stack + (fan_in, r)).astype(jnp.float32)
+        @ b.reshape(stack + (r, fan_out)).astype(jnp.float32), w.shape)
+    leaves["lora_m"] = column_norm(v, len(stack), len(ins)).astype(dtype)
+  if cfg.dropout > 0:
+    leaves["lora_dropout"] = jnp.full(stack, cfg.dropout, jnp.float32)
+  return w, leaves
+
+
+def _from_weight(how: str, w2, r: int, s: float):
+  """PiSSA or OLoRA factors of ``w2`` (``S + (fan_in, fan_out)``), float32.
+
+  PiSSA: ``W = U diag(S) Vh``; ``A = U_r sqrt(S_r/s)``, ``B = sqrt(S_r/s) Vh_r`` so
+  that ``s A B`` is the best rank-r part of W. OLoRA: ``W^T = Q R``; ``B = Q_r^T``,
+  ``A = R_r^T`` (PEFT's choice: no division by s).
+  """
+  if how == "pissa":
+    u, sv, vh = jnp.linalg.svd(w2, full_matrices=False)
+    root = jnp.sqrt(sv[..., :r] / s)
+    return u[..., :, :r] * root[..., None, :], root[..., :, None] * vh[..., :r, :]
+  q, rr = jnp.linalg.qr(jnp.swapaxes(w2, -1, -2))
+  return jnp.swapaxes(rr[..., :r, :], -1, -2), jnp.swapaxes(q[..., :, :r], -1, -2)
+
+
+def column_norm(v, n_stack: int, n_in: int):
+  """``||v||_2`` over the input axes of a ``S + I + O`` kernel: shape ``S + O``."""
+  return jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(range(n_stack, n_stack + n_in))))
