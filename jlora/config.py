@@ -11,8 +11,8 @@ from typing import Any, Union
 import numpy as np
 
 #: A target selector: a regex searched in the ``/``-joined leaf path, a sequence of
-#: module names (exact or suffix match on the module path, as PEFT does), or a
-#: predicate ``(path, leaf) -> bool``.
+#: module names (exact or suffix match on the module path, as PEFT does; a match
+#: also covers the modules inside it), or a predicate ``(path, leaf) -> bool``.
 Selector = Union[str, Sequence[str], Callable[[str, Any], bool]]
 
 INITS = ("kaiming", "gaussian", "pissa", "olora")

@@ -11,7 +11,7 @@ import math
 import jax.numpy as jnp
 
 from jlora import tree as tree_lib
-from jlora.partition import combine, partition
+from jlora.partition import combine
 from jlora.transform import column_norm
 
 
@@ -72,8 +72,8 @@ def unmerge(merged, adapter):
     ValueError: for DoRA adapters, whose merged kernel no longer holds ``||V||``
       (PEFT caches it on the layer instead): keep the unmerged tree for those.
   """
-  adapter_only = partition(adapter)[0]
-  params = combine(adapter_only, merged)
+  flat_adapter = {p: v for p, v in tree_lib.flatten(adapter).items() if tree_lib.is_adapter_path(p)}
+  params = combine(tree_lib.unflatten(flat_adapter, adapter), merged)
   flat = tree_lib.flatten(params)
   out = dict(flat)
   for ad in tree_lib.iter_adapters(flat):

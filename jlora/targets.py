@@ -64,12 +64,23 @@ def matcher(sel: Selector) -> Callable[[str, Any], bool]:
   if isinstance(sel, str):
     rx = re.compile(sel)
     return lambda p, leaf: rx.search(p) is not None
-  names = tuple(sel)
+  names = [tuple(n.strip("/").split("/")) for n in sel]
 
   def by_module(p, leaf):
-    module = tree_lib.split_leaf(p)[0]
-    return any(module == n or module.endswith("/" + n) for n in names)
+    # A name matches a module whose path ends with it (as in PEFT), and so every
+    # leaf inside that module: ["attn"] reaches attn/query/kernel.
+    parts = tuple(p.split("/")[:-1])
+    return any(parts[k - len(n):k] == n for n in names for k in range(len(n), len(parts) + 1))
   return by_module
+
+
+def _module_weights(paths: list[str]) -> list[str]:
+  """For module-name targets: a module's ``kernel``/``embedding``, or, in modules
+  that have neither (plain dicts), every leaf. Attention biases are 2-D too."""
+  modules = {tree_lib.split_leaf(p)[0] for p in paths
+             if tree_lib.split_leaf(p)[1] in tree_lib.BARE_KERNEL_NAMES}
+  return [p for p in paths if tree_lib.split_leaf(p)[0] not in modules
+          or tree_lib.split_leaf(p)[1] in tree_lib.BARE_KERNEL_NAMES]
 
 
 def _first_match(pattern: Mapping[str, Any] | None, path: str):
@@ -148,6 +159,8 @@ def select(flat: Mapping[str, Any], cfg: LoraConfig,
     if not callable(cfg.targets) and np.ndim(arr) < 2:
       continue  # a regex or a module name also reaches biases and norm scales
     paths.append(p)
+  if not callable(cfg.targets) and not isinstance(cfg.targets, str):
+    paths = _module_weights(paths)
   if not paths:
     raise _no_match_error(cfg, flat)
 

@@ -148,7 +148,7 @@ def unflatten(flat: Mapping[str, Any], like: PyTree) -> PyTree:
     children = {}
     for k, v in node.items():
       sub = _child(template, k)
-      children[k] = build(v, sub if sub is not None else template) if isinstance(v, dict) else v
+      children[k] = build(v, sub if sub is not None else {}) if isinstance(v, dict) else v
     return _container_like(template, children)
   return build(nested, like)
 
@@ -156,9 +156,11 @@ def unflatten(flat: Mapping[str, Any], like: PyTree) -> PyTree:
 def _child(template, key):
   if not _is_mapping(template):
     return None
-  for k in template.keys():
+  # nnx.State wraps nested dicts in State on item access; its pytree holds dicts.
+  raw = template.raw_mapping if isinstance(template, nnx.State) else template
+  for k in raw.keys():
     if str(k) == key:
-      v = template[k]
+      v = raw[k]
       return v if _is_mapping(v) else None
   return None
 

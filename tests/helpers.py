@@ -1,0 +1,84 @@
+"""Tiny models and reference helpers shared by the tests."""
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+from flax import nnx
+
+import jlora
+from jlora import tree as tree_lib
+
+
+def randomize(params, key, scale=0.5):
+  """Adapted params with random A and B (init puts B = 0, which tests nothing)."""
+  flat = tree_lib.flatten(params)
+  out = {}
+  for i, (p, leaf) in enumerate(sorted(flat.items())):
+    if tree_lib.role_of(tree_lib.split_leaf(p)[1]) in ("lora_a", "lora_b"):
+      v = tree_lib.value(leaf)
+      arr = scale * jax.random.normal(jax.random.fold_in(key, i), v.shape, jnp.float32)
+      out[p] = tree_lib.rewrap(leaf, arr.astype(v.dtype))
+    elif tree_lib.role_of(tree_lib.split_leaf(p)[1]) == "lora_m":
+      v = tree_lib.value(leaf)
+      out[p] = tree_lib.rewrap(leaf, v * (1 + 0.3 * jax.random.uniform(jax.random.fold_in(key, i), v.shape)))
+    else:
+      out[p] = leaf
+  return tree_lib.unflatten(out, params)
+
+
+def assert_trees_close(a, b, rtol=1e-4, atol=1e-5):
+  fa, fb = tree_lib.flatten(a), tree_lib.flatten(b)
+  assert fa.keys() == fb.keys()
+  for p in fa:
+    np.testing.assert_allclose(np.asarray(tree_lib.value(fa[p]), np.float64),
+                               np.asarray(tree_lib.value(fb[p]), np.float64),
+                               rtol=rtol, atol=atol, err_msg=p)
+
+
+def adapter_grads(g):
+  return {p: tree_lib.value(v) for p, v in tree_lib.flatten(g).items() if tree_lib.is_trainable_path(p)}
+
+
+class LinenNet(nn.Module):
+  """Embed -> attention -> conv -> MLP: every kernel kind jlora covers."""
+  vocab: int = 11
+  d: int = 8
+
+  @nn.compact
+  def __call__(self, tokens):
+    h = nn.Embed(self.vocab, self.d, name="embed")(tokens)
+    h = h + nn.MultiHeadDotProductAttention(num_heads=2, name="attn")(h)
+    h = h + nn.Conv(self.d, (3,), padding="SAME", name="conv")(h)
+    h = nn.Dense(12, name="fc1")(h)
+    h = nn.Dense(self.d, name="fc2")(nn.gelu(h))
+    return nn.Einsum((self.d, 3, 2), "btd,dhk->bthk", name="head")(h)
+
+
+class NNXNet(nnx.Module):
+  def __init__(self, rngs):
+    self.embed = nnx.Embed(11, 8, rngs=rngs)
+    self.fc1 = nnx.Linear(8, 12, rngs=rngs)
+    self.conv = nnx.Conv(12, 6, (3,), rngs=rngs)
+    self.fc2 = nnx.Linear(6, 5, rngs=rngs)
+
+  def __call__(self, tokens):
+    return self.fc2(nnx.relu(self.conv(self.fc1(self.embed(tokens)))))
+
+
+def plain_params(key):
+  k = jax.random.split(key, 3)
+  return {"layer1": {"w": jax.random.normal(k[0], (6, 10)), "b": jnp.zeros(10)},
+          "layer2": {"w": jax.random.normal(k[1], (10, 4)) / 3},
+          "conv": {"w": jax.random.normal(k[2], (3, 3, 2, 5)) / 3}}
+
+
+def plain_fn(params, x, img):
+  h = jnp.tanh(jnp.dot(x, params["layer1"]["w"]) + params["layer1"]["b"])
+  y = jnp.einsum("bh,ho->bo", h, params["layer2"]["w"])
+  c = jax.lax.conv_general_dilated(img, params["conv"]["w"], (1, 1), "SAME",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return y, c
+
+
+TOKENS = jnp.array([[1, 2, 3, 4], [5, 6, 7, 10]], jnp.int32)
