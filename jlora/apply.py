@@ -79,7 +79,7 @@ class _Kernel(NamedTuple):
 
   def factor_dora(self):
     """``m / ||W + s·A·B||`` with the norm detached (DoRA paper, Sec. 4.3): ``S + O``."""
-    v = self.ad.kernel.astype(jnp.float32) + jax.lax.stop_gradient(merge_lib.delta(self.ad))
+    v = self.ad.kernel.astype(merge_lib.wide(self.ad)) + merge_lib.delta(self.ad)
     return merge_lib.dora_factor(self.ad, v)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 
 from jlora import tree as tree_lib
@@ -15,26 +16,36 @@ from jlora.partition import combine
 from jlora.transform import column_norm
 
 
+def wide(ad: tree_lib.Adapter):
+  """The dtype merges are computed in: float32, or the kernel's if wider."""
+  return jnp.promote_types(jnp.float32, ad.kernel.dtype)
+
+
 def delta(ad: tree_lib.Adapter):
-  """``s * tensordot(A, B, 1)`` per stacked layer, float32, shape of the kernel."""
+  """``s * tensordot(A, B, 1)`` per stacked layer, in ``wide(ad)``, shape of the kernel."""
   kshape = jnp.shape(ad.kernel)
   ns = ad.n_stack
   stack = kshape[:ns]
   fan_in = math.prod(kshape[ns:ns + ad.n_in])
-  a2 = jnp.reshape(ad.a, stack + (fan_in, ad.rank)).astype(jnp.float32)
-  b2 = jnp.reshape(ad.b, stack + (ad.rank, -1)).astype(jnp.float32)
-  scale = jnp.reshape(jnp.asarray(ad.scale, jnp.float32), stack + (1, 1))
+  dt = wide(ad)
+  a2 = jnp.reshape(ad.a, stack + (fan_in, ad.rank)).astype(dt)
+  b2 = jnp.reshape(ad.b, stack + (ad.rank, -1)).astype(dt)
+  scale = jnp.reshape(jnp.asarray(ad.scale, dt), stack + (1, 1))
   return jnp.reshape(scale * (a2 @ b2), kshape)
 
 
 def dora_factor(ad: tree_lib.Adapter, v):
-  """``m / ||V||`` (shape ``S + O``) for the DoRA kernel ``m * V / ||V||``."""
-  return ad.m.astype(jnp.float32) / column_norm(v, ad.n_stack, ad.n_in)
+  """``m / ||V||`` (shape ``S + O``) for the DoRA kernel ``m * V / ||V||``.
+
+  The norm is a constant to autodiff, as the DoRA paper recommends (Sec. 4.3) and
+  PEFT does, in every mode: so the merged and factored paths share gradients.
+  """
+  return ad.m.astype(v.dtype) / jax.lax.stop_gradient(column_norm(v, ad.n_stack, ad.n_in))
 
 
 def merged_kernel(ad: tree_lib.Adapter):
   """``W + delta`` (DoRA: ``m * (W + delta) / ||W + delta||``) in the kernel's dtype."""
-  v = ad.kernel.astype(jnp.float32) + delta(ad)
+  v = ad.kernel.astype(wide(ad)) + delta(ad)
   if ad.m is not None:
     f = dora_factor(ad, v)
     v = v * jnp.expand_dims(f, tuple(range(ad.n_stack, ad.n_stack + ad.n_in)))
@@ -81,6 +92,6 @@ def unmerge(merged, adapter):
       raise ValueError(
           f"cannot unmerge the DoRA adapter of {ad.path!r}: the merged kernel"
           " m * V / ||V|| does not determine ||V||. Keep the unmerged params.")
-    w = ad.kernel.astype(jnp.float32) - delta(ad)
+    w = ad.kernel.astype(wide(ad)) - delta(ad)
     out[ad.path] = tree_lib.rewrap(flat[ad.path], w.astype(ad.kernel.dtype))
   return tree_lib.unflatten(out, params)

@@ -1,0 +1,206 @@
+"""``jlora.lora(fn)``: factored application equals the merged reference.
+
+For every kernel kind and every transformation the contract lists, the factored
+outputs and the A/B gradients must match ``fn(jlora.merge(params))`` (rtol 1e-4).
+"""
+
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jlora
+from helpers import (LinenNet, NNXNet, TOKENS, adapter_grads, plain_fn, plain_params,
+                     randomize)
+
+ALL = r"(kernel|embedding)$"
+
+
+def _adapted(key, params, fn=None, args=(), **cfg):
+  cfg = jlora.LoraConfig(**{"rank": 2, "alpha": 3.0, "targets": ALL, **cfg})
+  return randomize(jlora.init(key, params, cfg, fn=fn, args=args), jax.random.fold_in(key, 7), scale=0.2)
+
+
+def _loss(out):
+  return sum(jnp.sum(jnp.sin(o)) for o in jax.tree.leaves(out))
+
+
+def assert_factored_matches_merged(fn, params, *args, rtol=1e-4, atol=1e-5):
+  """Outputs and adapter gradients, factored vs merged, with fallbacks as errors."""
+  fact = jlora.lora(fn, on_fallback="error")
+  ref = jlora.lora(fn, mode="merged")
+  for a, b in zip(jax.tree.leaves(fact(params, *args)), jax.tree.leaves(ref(params, *args))):
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
+  ga = adapter_grads(jax.grad(lambda p: _loss(fact(p, *args)))(params))
+  gb = adapter_grads(jax.grad(lambda p: _loss(ref(p, *args)))(params))
+  assert ga.keys() == gb.keys() and ga
+  for p in ga:
+    scale = float(np.abs(gb[p]).max()) + 1e-6
+    np.testing.assert_allclose(ga[p] / scale, gb[p] / scale, rtol=rtol, atol=rtol, err_msg=p)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_linen_every_kind(key, dora):
+  model = LinenNet()
+  params = _adapted(key, model.init(key, TOKENS), model.apply, (TOKENS,), dora=dora)
+  assert len(jlora.adapters(params)) == 9
+  assert_factored_matches_merged(model.apply, params, TOKENS)
+
+
+@pytest.mark.parametrize("conv", [
+    dict(features=5, kernel_size=(3,), strides=(2,)),
+    dict(features=5, kernel_size=(3,), kernel_dilation=(2,), padding="SAME"),
+    dict(features=4, kernel_size=(3, 3), padding="VALID"),
+    dict(features=4, kernel_size=(2, 2, 2), strides=(1, 2, 1)),
+    dict(features=3, kernel_size=(1, 1)),
+])
+@pytest.mark.parametrize("dora", [False, True])
+def test_conv_variants(key, conv, dora):
+  model = nn.Conv(**conv)
+  x = jax.random.normal(key, (2,) + (6,) * len(conv["kernel_size"]) + (3,))
+  params = _adapted(key, model.init(key, x), model.apply, (x,), rank=1, dora=dora)
+  assert_factored_matches_merged(model.apply, params, x)
+
+
+def test_embed_lookup_and_attend(key):
+  """A tied embedding: a gather for the lookup, a transposed matmul for the logits."""
+  class Tied(nn.Module):
+    @nn.compact
+    def __call__(self, t):
+      emb = nn.Embed(11, 6, name="embed")
+      return emb.attend(jnp.tanh(emb(t)))
+  model = Tied()
+  params = _adapted(key, model.init(key, TOKENS), model.apply, (TOKENS,))
+  assert jlora.adapters(params)[0].a.shape == (11, 2)
+  assert_factored_matches_merged(model.apply, params, TOKENS)
+
+
+def test_nnx_functional(key):
+  graphdef, state = nnx.split(NNXNet(nnx.Rngs(0)))
+  fn = lambda s, t: nnx.merge(graphdef, s)(t)
+  params = _adapted(key, state, fn, (TOKENS,))
+  assert len(jlora.adapters(params)) == 4
+  assert_factored_matches_merged(fn, params, TOKENS)
+
+
+def test_plain_function(key):
+  params = _adapted(key, plain_params(key), plain_fn, (jnp.ones((3, 6)), jnp.ones((2, 5, 5, 2))),
+                    targets=r"/w$")
+  x = jax.random.normal(key, (3, 6))
+  img = jax.random.normal(key, (2, 5, 5, 2))
+  assert_factored_matches_merged(plain_fn, params, x, img)
+
+
+def test_under_jit_and_vmap(key):
+  model = LinenNet()
+  params = _adapted(key, model.init(key, TOKENS), model.apply, (TOKENS,))
+  fact = jax.jit(jlora.lora(model.apply, on_fallback="error"))
+  ref = model.apply(jlora.merge(params), TOKENS)
+  np.testing.assert_allclose(fact(params, TOKENS), ref, rtol=1e-4, atol=1e-5)
+  # vmap over examples, each a (1, T) sequence
+  per_ex = jax.vmap(lambda t: jlora.lora(model.apply, on_fallback="error")(params, t[None])[0])(TOKENS)
+  np.testing.assert_allclose(per_ex, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_vmap_over_adapters(key):
+  """Per-example adapters: vmap over a stack of adapter trees, shared base."""
+  model = nn.Dense(4)
+  x = jax.random.normal(key, (3, 5))
+  base = model.init(key, x)
+  trees = [_adapted(jax.random.key(i), base) for i in range(3)]
+  adapters = jax.tree.map(lambda *xs: jnp.stack(xs), *[jlora.partition(t)[0] for t in trees])
+  f = lambda ad, xi: jlora.lora(model.apply, on_fallback="error")(jlora.combine(ad, base), xi)
+  got = jax.vmap(f)(adapters, x)
+  want = jnp.stack([model.apply(jlora.merge(t), x[i]) for i, t in enumerate(trees)])
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+class _Block(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    h = nn.MultiHeadDotProductAttention(num_heads=2, name="attn")(x)
+    return x + nn.Dense(x.shape[-1], name="fc")(nn.gelu(h)), None
+
+
+class _ScanNet(nn.Module):
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    block = nn.remat(_Block) if self.remat else _Block
+    stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+    return stack(name="layers")(x, None)[0]
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_nn_scan_over_layers(key, remat):
+  model = _ScanNet(remat=remat)
+  x = jax.random.normal(key, (2, 4, 8))
+  params = _adapted(key, model.init(key, x), model.apply, (x,))
+  ads = jlora.adapters(params)
+  assert ads and all(a.n_stack == 1 and a.a.shape[0] == 3 for a in ads)
+  assert_factored_matches_merged(model.apply, params, x)
+
+
+def test_remat_and_user_scan_in_plain_code(key):
+  ws = {"layers": {"w": jax.random.normal(key, (4, 6, 6)) / 3}, "head": {"w": jnp.ones((6, 2))}}
+
+  def fn(p, x):
+    step = jax.checkpoint(lambda h, w: (jnp.tanh(h @ w), None))
+    h, _ = jax.lax.scan(step, x, p["layers"]["w"])
+    return h @ p["head"]["w"]
+  x = jax.random.normal(key, (3, 6))
+  params = _adapted(key, ws, fn, (x,), targets=r"/w$")
+  assert jlora.adapters(params)[1].n_stack == 1  # read from the scan
+  assert_factored_matches_merged(fn, params, x)
+
+
+def test_fallback_is_exact_and_reported_once(key):
+  def fn(p, x):  # the kernel also enters an elementwise op: no factored rule
+    w = p["d"]["kernel"]
+    return x @ w + jnp.sum(w * w)
+  params = _adapted(key, {"d": {"kernel": jax.random.normal(key, (5, 3))}})
+  x = jnp.ones((2, 5))
+  wrapped = jlora.lora(fn)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    out = wrapped(params, x)
+    wrapped(params, x)
+  msgs = [str(w.message) for w in caught if issubclass(w.category, jlora.LoraFallbackWarning)]
+  assert len(msgs) == 1 and "'d/kernel'" in msgs[0] and "`mul`" in msgs[0]
+  np.testing.assert_allclose(out, fn(jlora.merge(params), x), rtol=1e-5)
+  with pytest.raises(NotImplementedError, match="d/kernel"):
+    jlora.lora(fn, on_fallback="error")(params, x)
+
+
+def test_dropout_needs_rng_and_is_inverted(key):
+  model = nn.Dense(64, use_bias=False)
+  x = jnp.ones((512, 32))
+  params = jlora.init(key, model.init(key, x), jlora.LoraConfig(rank=4, dropout=0.5))
+  params = randomize(params, key)
+  fact = jlora.lora(model.apply, on_fallback="error")
+  ref = model.apply(jlora.merge(params), x)
+  np.testing.assert_allclose(fact(params, x), ref, rtol=1e-4, atol=1e-5)  # no rng: off
+  a = fact(params, x, lora_rng=jax.random.key(1))
+  b = fact(params, x, lora_rng=jax.random.key(2))
+  assert not np.allclose(a, ref) and not np.allclose(a, b)
+  np.testing.assert_array_equal(a, fact(params, x, lora_rng=jax.random.key(1)))
+  # inverted dropout keeps the mean of the adapter branch
+  base = model.apply(jlora.partition(params)[1], x)
+  np.testing.assert_allclose(jnp.mean(a - base), jnp.mean(ref - base), rtol=0.1, atol=1e-2)
+
+
+def test_without_adapters_is_the_plain_function(key):
+  model = nn.Dense(3)
+  x = jnp.ones((2, 4))
+  params = model.init(key, x)
+  np.testing.assert_array_equal(jlora.lora(model.apply)(params, x), model.apply(params, x))
+
+
+def test_bad_mode():
+  with pytest.raises(ValueError, match="mode"):
+    jlora.lora(lambda p: p, mode="fast")
