@@ -1,10 +1,13 @@
 """Tiny models and reference helpers shared by the tests."""
 
+import math
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 import numpy as np
 from flax import nnx
+from hypothesis import strategies as st
 
 import jlora
 from jlora import tree as tree_lib
@@ -82,3 +85,31 @@ def plain_fn(params, x, img):
 
 
 TOKENS = jnp.array([[1, 2, 3, 4], [5, 6, 7, 10]], jnp.int32)
+
+
+@st.composite
+def kernels(draw):
+  """A params dict with one kernel of random kind and shape, its split and a rank."""
+  kind = draw(st.sampled_from(["dense", "qkv", "out", "conv1d", "conv2d", "embed", "stacked"]))
+  dim = st.integers(1, 6)
+  if kind == "dense":
+    shape, n_stack, n_in = (draw(dim), draw(dim)), 0, 1
+  elif kind == "qkv":
+    shape, n_stack, n_in = (draw(dim), draw(dim), draw(dim)), 0, 1
+  elif kind == "out":
+    shape, n_stack, n_in = (draw(dim), draw(dim), draw(dim)), 0, 2
+  elif kind == "conv1d":
+    shape, n_stack, n_in = (draw(dim), draw(dim), draw(dim)), 0, 2
+  elif kind == "conv2d":
+    shape, n_stack, n_in = (draw(dim), draw(dim), draw(dim), draw(dim)), 0, 3
+  elif kind == "embed":
+    shape, n_stack, n_in = (draw(dim), draw(dim)), 0, 1
+  else:
+    shape, n_stack, n_in = (draw(st.integers(1, 3)), draw(dim), draw(dim)), 1, 1
+  fan_in = math.prod(shape[n_stack:n_stack + n_in])
+  fan_out = math.prod(shape[n_stack + n_in:])
+  rank = draw(st.integers(1, min(fan_in, fan_out)))
+  seed = draw(st.integers(0, 2**16))
+  name = "embedding" if kind == "embed" else "kernel"
+  w = jax.random.normal(jax.random.key(seed), shape)
+  return {"params": {"layer": {name: w, "bias": jnp.ones(shape[-1])}}}, n_stack, n_in, rank

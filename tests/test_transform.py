@@ -12,38 +12,10 @@ from hypothesis import given, strategies as st
 
 import jlora
 from jlora import tree as tree_lib
-from helpers import LinenNet, NNXNet, TOKENS, plain_params, plain_fn, randomize
+from helpers import LinenNet, NNXNet, TOKENS, kernels, plain_params, randomize
 
 
 # -- property tests over random kernels ------------------------------------------
-
-@st.composite
-def kernels(draw):
-  """A params dict with one kernel of random kind and shape, its split and a rank."""
-  kind = draw(st.sampled_from(["dense", "qkv", "out", "conv1d", "conv2d", "embed", "stacked"]))
-  dim = st.integers(1, 6)
-  if kind == "dense":
-    shape, n_stack, n_in = (draw(dim), draw(dim)), 0, 1
-  elif kind == "qkv":
-    shape, n_stack, n_in = (draw(dim), draw(dim), draw(dim)), 0, 1
-  elif kind == "out":
-    shape, n_stack, n_in = (draw(dim), draw(dim), draw(dim)), 0, 2
-  elif kind == "conv1d":
-    shape, n_stack, n_in = (draw(dim), draw(dim), draw(dim)), 0, 2
-  elif kind == "conv2d":
-    shape, n_stack, n_in = (draw(dim), draw(dim), draw(dim), draw(dim)), 0, 3
-  elif kind == "embed":
-    shape, n_stack, n_in = (draw(dim), draw(dim)), 0, 1
-  else:
-    shape, n_stack, n_in = (draw(st.integers(1, 3)), draw(dim), draw(dim)), 1, 1
-  fan_in = math.prod(shape[n_stack:n_stack + n_in])
-  fan_out = math.prod(shape[n_stack + n_in:])
-  rank = draw(st.integers(1, min(fan_in, fan_out)))
-  seed = draw(st.integers(0, 2**16))
-  name = "embedding" if kind == "embed" else "kernel"
-  w = jax.random.normal(jax.random.key(seed), shape)
-  return {"params": {"layer": {name: w, "bias": jnp.ones(shape[-1])}}}, n_stack, n_in, rank
-
 
 def _cfg(n_stack, n_in, rank, **kw):
   return jlora.LoraConfig(rank=rank, targets=r"(kernel|embedding)$",
