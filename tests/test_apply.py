@@ -204,3 +204,23 @@ def test_without_adapters_is_the_plain_function(key):
 def test_bad_mode():
   with pytest.raises(ValueError, match="mode"):
     jlora.lora(lambda p: p, mode="fast")
+
+
+def test_linen_rngs_mutable_and_bf16_kernel(key):
+  """model.apply's own kwargs pass through: rngs, mutable collections, bf16 compute."""
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+      h = nn.Dropout(0.5, deterministic=not train)(nn.Dense(16)(x))
+      h = nn.BatchNorm(use_running_average=not train)(h)
+      return nn.Dense(4, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)(h)
+  model, x = Net(), jax.random.normal(key, (3, 8))
+  variables = model.init({"params": key, "dropout": key}, x, train=False)
+  params = randomize(jlora.init(key, variables, jlora.LoraConfig(rank=2, dtype="float32")), key, 0.2)
+  kw = dict(train=True, rngs={"dropout": jax.random.key(3)}, mutable=["batch_stats"])
+  out, upd = jlora.lora(model.apply, on_fallback="error")(params, x, **kw)
+  ref, ref_upd = model.apply(jlora.merge(params), x, **kw)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), rtol=2e-2, atol=2e-2)
+  np.testing.assert_allclose(upd["batch_stats"]["BatchNorm_0"]["mean"],
+                             ref_upd["batch_stats"]["BatchNorm_0"]["mean"], rtol=1e-5, atol=1e-6)
