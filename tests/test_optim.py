@@ -181,3 +181,28 @@ def test_flops_at_the_floor(setup):
   assert f_lora <= f_floor + adapter, (f_lora, f_floor, adapter)
   assert f_lora < f_merged and f_merged > f_floor + adapter
   assert f_floor < f_full
+
+
+class _ConvNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.gelu(nn.Conv(24, (3, 3), padding="SAME", name="c1")(x))
+    return nn.Conv(x.shape[-1], (3, 3), padding="SAME", name="c2")(h)
+
+
+def test_conv_flops_at_the_floor():
+  model = _ConvNet()
+  x = jax.random.normal(jax.random.key(0), (2, 12, 12, 16))
+  base = model.init(jax.random.key(1), x)
+  params = jlora.init(jax.random.key(2), base, jlora.LoraConfig(rank=2), fn=model.apply, args=(x,))
+  f_floor = _flops(_compiled(
+      lambda p, x: jax.grad(lambda x: jnp.mean((model.apply(p, x) - x) ** 2))(x), base, x))
+  step, tx = _lora_step(model, x, params)
+  compiled = _compiled(step, params, tx.init(params), x)
+  merged, _ = _lora_step(model, x, params, mode="merged")
+  f_merged = _flops(_compiled(merged, params, tx.init(params), x))
+  pixels = 2 * 12 * 12
+  adapter = sum(6 * pixels * a.rank * (a.a.size + a.b.size) // a.rank for a in jlora.adapters(params))
+  assert _flops(compiled) <= f_floor + adapter < f_merged
+  shapes = {tuple(a.kernel.shape) for a in jlora.adapters(params)}
+  assert _kernel_shaped_dots(compiled.as_text(), shapes) == []
