@@ -309,25 +309,15 @@ def _expand(arr, arr_labels, out_labels):
   return jnp.reshape(arr, [next(it) if lab in arr_labels else 1 for lab in out_labels])
 
 
-def _conv(eqn, ins, ctx: _Ctx):
-  """``conv(x, W) + s·conv(x, A)·B``: a rank-r conv, then a 1x1 map to the outputs."""
-  x, k = ins
-  p = eqn.params
-  dn = p["dimension_numbers"]
-  out_axis = dn.rhs_spec[0]
-  if (p["feature_group_count"] != 1 or p["batch_group_count"] != 1 or k.ad.n_stack
-      or k.ad.n_out != 1 or k.axes[out_axis] != ("o", 0)):
-    return None
-  xl = _lora_input(x, k, ctx)
-  if xl is None:
-    return None
-  # A laid out like the kernel the program sees, with r in the out-feature slot.
-  a = k.ad.a.astype(k.dtype)
-  a_perm = [k.ad.n_in if lab[0] == "o" else lab[1] for lab in k.axes]
-  conv = functools.partial(jax.lax.conv_general_dilated_p.bind, **p)
-  y = conv(x, k.base())
-  t = conv(xl, jnp.transpose(a, a_perm))
-  c = dn.out_spec[1]
+def _a_like_kernel(k: _Kernel):
+  """A in the kernel's current axis order, with r in the (single) output slot."""
+  perm = [k.ad.n_in if lab[0] == "o" else lab[1] for lab in k.axes]
+  return jnp.transpose(k.ad.a.astype(k.dtype), perm)
+
+
+def _up_project(k: _Kernel, y, t, c: int):
+  """``y + s·(t·B)`` where axis ``c`` of ``t`` holds the rank and of ``y`` the output;
+  DoRA rescales both terms along that axis."""
   u = jnp.moveaxis(jnp.moveaxis(t, c, -1) @ k.ad.b.astype(k.dtype), -1, c)
   y_lora = jnp.asarray(k.ad.scale, u.dtype) * u
   if k.ad.m is not None:
@@ -335,6 +325,21 @@ def _conv(eqn, ins, ctx: _Ctx):
                 [("o", 0) if i == c else ("y", i) for i in range(y.ndim)])
     y, y_lora = y * f, y_lora * f
   return y + y_lora.astype(y.dtype)
+
+
+def _conv(eqn, ins, ctx: _Ctx):
+  """``conv(x, W) + s·conv(x, A)·B``: a rank-r conv, then a 1x1 map to the outputs."""
+  x, k = ins
+  p = eqn.params
+  dn = p["dimension_numbers"]
+  if (p["feature_group_count"] != 1 or p["batch_group_count"] != 1 or k.ad.n_stack
+      or k.ad.n_out != 1 or k.axes[dn.rhs_spec[0]] != ("o", 0)):
+    return None
+  xl = _lora_input(x, k, ctx)
+  if xl is None:
+    return None
+  conv = functools.partial(jax.lax.conv_general_dilated_p.bind, **p)
+  return _up_project(k, conv(x, k.base()), conv(xl, _a_like_kernel(k)), dn.out_spec[1])
 
 
 def _gather(eqn, ins, ctx: _Ctx):
@@ -348,20 +353,11 @@ def _gather(eqn, ins, ctx: _Ctx):
       or p["slice_sizes"][o_pos[0]] != k.ad.kernel.shape[-1]):
     return None
   o = o_pos[0]
-  a_perm = [k.ad.n_in if lab[0] == "o" else lab[1] for lab in k.axes]
-  a = jnp.transpose(k.ad.a.astype(k.dtype), a_perm)
   sizes = tuple(k.ad.rank if i == o else s for i, s in enumerate(p["slice_sizes"]))
   y = jax.lax.gather_p.bind(k.base(), idx, **p)
-  t = jax.lax.gather_p.bind(a, idx, **{**p, "slice_sizes": sizes})
+  t = jax.lax.gather_p.bind(_a_like_kernel(k), idx, **{**p, "slice_sizes": sizes})
   kept = [i for i in range(len(k.axes)) if i not in dn.collapsed_slice_dims]
-  c = dn.offset_dims[kept.index(o)]
-  u = jnp.moveaxis(jnp.moveaxis(t, c, -1) @ k.ad.b.astype(k.dtype), -1, c)
-  y_lora = jnp.asarray(k.ad.scale, u.dtype) * u
-  if k.ad.m is not None:
-    f = _expand(k.factor_dora().astype(y.dtype), [("o", 0)],
-                [("o", 0) if i == c else ("y", i) for i in range(y.ndim)])
-    y, y_lora = y * f, y_lora * f
-  return y + y_lora.astype(y.dtype)
+  return _up_project(k, y, t, dn.offset_dims[kept.index(o)])
 
 
 # ---------------------------------------------------------------------------
