@@ -337,3 +337,13 @@ def test_non_mapping_params():
 def test_selector_regex_is_searched_not_matched(key):
   params = {"enc": {"q": {"kernel": jnp.ones((4, 4))}}}
   assert jlora.adapters(jlora.init(key, params, jlora.LoraConfig(rank=1, targets="q/kernel")))
+
+
+def test_nnx_partition_base_fits_the_module(key):
+  graphdef, state = nnx.split(NNXNet(nnx.Rngs(0)))
+  adapted = jlora.init(key, state, jlora.LoraConfig(rank=2, targets=["fc1", "fc2"]))
+  adapter, base = jlora.partition(adapted)
+  nnx.merge(graphdef, base)
+  assert {p.split("/")[-1] for p in tree_lib.flatten(adapter)} == {"lora_a", "lora_b", "lora_scale"}
+  back = jlora.combine(adapter, base)
+  assert jax.tree.structure(back) == jax.tree.structure(adapted)
