@@ -282,6 +282,9 @@ def _dot_general(eqn, ins, ctx: _Ctx):
   b = (k.ad.b.astype(k.dtype), _labels_b(k))
   first, second = (a, b) if contract_in else (b, a)
   t, t_labels = _ldot(xl, x_labels, *first, c_labels, b_labels, **kw)
+  # The scale goes on the rank-r intermediate: r columns to multiply, not out.
+  stack = [("s", j) for j in range(k.ad.n_stack)]
+  t = t * _expand(k.ad.scale.astype(t.dtype), stack, t_labels)
   u, u_labels = _ldot(t, t_labels, *second, ["r"], b_labels, **kw)
   k_free = [lab for lab in k.axes if lab not in c_labels and lab not in b_labels]
   x_free = [lab for lab in x_labels if lab[0] == "x"]
@@ -289,8 +292,7 @@ def _dot_general(eqn, ins, ctx: _Ctx):
   u = jnp.transpose(u, [u_labels.index(lab) for lab in target])
   y = jax.lax.dot_general(*((k.base(), x) if kernel_left else (x, k.base())),
                           eqn.params["dimension_numbers"], **kw)
-  stack = [("s", j) for j in range(k.ad.n_stack)]
-  y_lora = _expand(k.ad.scale.astype(u.dtype), stack, target) * u
+  y_lora = u
   if k.ad.m is not None:
     f = _expand(k.factor_dora().astype(y.dtype), stack + [("o", j) for j in range(k.ad.n_out)],
                 target)
@@ -318,8 +320,8 @@ def _a_like_kernel(k: _Kernel):
 def _up_project(k: _Kernel, y, t, c: int):
   """``y + s·(t·B)`` where axis ``c`` of ``t`` holds the rank and of ``y`` the output;
   DoRA rescales both terms along that axis."""
-  u = jnp.moveaxis(jnp.moveaxis(t, c, -1) @ k.ad.b.astype(k.dtype), -1, c)
-  y_lora = jnp.asarray(k.ad.scale, u.dtype) * u
+  t = jnp.asarray(k.ad.scale, t.dtype) * t  # scale the r-wide intermediate, the cheaper side
+  y_lora = jnp.moveaxis(jnp.moveaxis(t, c, -1) @ k.ad.b.astype(k.dtype), -1, c)
   if k.ad.m is not None:
     f = _expand(k.factor_dora().astype(y.dtype), [("o", 0)],
                 [("o", 0) if i == c else ("y", i) for i in range(y.ndim)])
