@@ -11,7 +11,7 @@ The whole train path, in four modules:
 from jlora import analysis
 from jlora.apply import LoraFallbackWarning, lora
 from jlora.config import LoraConfig
-from jlora.merge import merge, unmerge
+from jlora.merge import deltas, merge, unmerge
 from jlora.optim import freeze, optimizer, train_step, trainable_mask
 from jlora.partition import combine, partition
 from jlora.summary import ParamCount, adapter_bytes, count_params, summary
@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapter", "LoraConfig", "LoraFallbackWarning", "ParamCount", "adapter_bytes",
-    "adapters", "analysis", "combine", "count_params", "freeze", "init", "lora",
+    "adapters", "analysis", "combine", "count_params", "deltas", "freeze", "init", "lora",
     "merge", "optimizer", "partition", "summary", "train_step", "trainable_mask",
     "unmerge",
 ]

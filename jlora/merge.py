@@ -34,6 +34,12 @@ def delta(ad: tree_lib.Adapter):
   return jnp.reshape(scale * (a2 @ b2), kshape)
 
 
+def deltas(params) -> dict:
+  """``{kernel path: s * tensordot(A, B, 1)}`` for every adapter (kernel-shaped, in
+  ``wide(ad)``): the update each adapter makes, before any DoRA rescaling."""
+  return {ad.path: delta(ad) for ad in tree_lib.adapters(params)}
+
+
 def dora_factor(ad: tree_lib.Adapter, v):
   """``m / ||V||`` (shape ``S + O``) for the DoRA kernel ``m * V / ||V||``.
 

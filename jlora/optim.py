@@ -81,7 +81,7 @@ def optimizer(tx: optax.GradientTransformation, params, *,
 
 
 def train_step(loss_fn: Callable, tx: optax.GradientTransformation, *,
-               has_aux: bool = False, jit: bool = True):
+               has_aux: bool = False, jit: bool = True, donate: bool = True):
   """A train step ``step(params, opt_state, *batch) -> (params, opt_state, loss)``.
 
   Args:
@@ -90,8 +90,13 @@ def train_step(loss_fn: Callable, tx: optax.GradientTransformation, *,
     tx: the optimizer, normally ``jlora.optimizer(...)``; ``opt_state`` is
       ``tx.init(params)``.
     has_aux: return ``(params, opt_state, (loss, aux))``.
-    jit: compile the step with ``params`` and ``opt_state`` donated, so their
-      buffers are reused in place on GPU and TPU.
+    jit: compile the step with ``jax.jit``.
+    donate: donate ``params`` and ``opt_state`` to the jitted step, so their
+      buffers are reused in place on GPU and TPU. The frozen leaves of the tree
+      ``jlora.init`` returned are the very arrays of the base you passed it, so
+      after the first step that base is deleted too: pass a copy
+      (``jax.tree.map(jnp.copy, base)``) to ``init`` if you need the base
+      afterwards, or use ``jlora.partition(params)[1]``.
 
   The step differentiates ``loss_fn(freeze(params))``: frozen leaves have
   ``stop_gradient``, so their weight gradients are never traced, and it adds
@@ -108,4 +113,6 @@ def train_step(loss_fn: Callable, tx: optax.GradientTransformation, *,
         params, updates)
     return params, opt_state, loss
 
-  return jax.jit(step, donate_argnums=(0, 1)) if jit else step
+  if not jit:
+    return step
+  return jax.jit(step, donate_argnums=(0, 1) if donate else ())

@@ -347,3 +347,10 @@ def test_nnx_partition_base_fits_the_module(key):
   assert {p.split("/")[-1] for p in tree_lib.flatten(adapter)} == {"lora_a", "lora_b", "lora_scale"}
   back = jlora.combine(adapter, base)
   assert jax.tree.structure(back) == jax.tree.structure(adapted)
+
+
+def test_deltas_are_merged_minus_base(key):
+  params = {"d": {"kernel": jax.random.normal(key, (6, 4))}}
+  adapted = randomize(jlora.init(key, params, jlora.LoraConfig(rank=2, alpha=5.0)), key)
+  (path, d), = jlora.deltas(adapted).items()
+  np.testing.assert_allclose(d, jlora.merge(adapted)["d"]["kernel"] - params["d"]["kernel"], atol=1e-6)
