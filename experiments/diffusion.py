@@ -175,7 +175,7 @@ def pretrain(size: dict, d: Data, model, full_step, seed: int):
   """Train on classes 0-7 from scratch; returns the EMA params."""
   step, adam = full_step
   params = jax.jit(model.init)(jax.random.key(seed), *example_inputs())["params"]
-  ema, opt_state = jax.tree.map(jnp.copy, params), adam.init(params)
+  params, ema, opt_state = committed((params, jax.tree.map(jnp.copy, params), adam.init(params)))
   n = size["pretrain_steps"]
   schedule = optax.warmup_cosine_decay_schedule(0.0, size["pretrain_lr"], min(WARMUP, n // 5), n,
                                                 size["pretrain_lr"] * 0.05)
@@ -258,6 +258,7 @@ def adapt_full(size: dict, base, full_step, d: Data, seed: int):
 
 def train_loop(step, params, opt_state, size: dict, d: Data, seed: int) -> dict:
   """``size['adapt_steps']`` steps on the 8/9 training images, the same batches for every run."""
+  params, opt_state = committed((params, opt_state))
   x, y = d.where(TARGET_CLASSES)
   data_iter = batches(x, y, size["batch"], 30_000 + seed)
   key = jax.random.key(40_000 + seed)
@@ -273,6 +274,18 @@ def train_loop(step, params, opt_state, size: dict, d: Data, seed: int) -> dict:
   return {"params": params, "train_seconds": round(time.time() - t0, 1),
           "compile_seconds": round(first_step, 1),
           "first_train_loss": losses[0], "final_train_loss": float(np.mean(losses[-20:]))}
+
+
+def committed(tree):
+  """``tree`` with every array committed to the default device.
+
+  The jitted steps' outputs are committed arrays. If the first call's inputs mix
+  committed leaves (the cached base, restored by orbax) with uncommitted ones
+  (adapter leaves from ``jlora.init``, optimizer state from ``tx.init``), the
+  second call sees different argument placements and compiles the whole step
+  again; committing everything up front keeps it to one compile.
+  """
+  return jax.device_put(tree, jax.devices()[0])
 
 
 def zlib_hash(text: str) -> int:

@@ -73,6 +73,10 @@ def optimizer(tx: optax.GradientTransformation, params, *,
   if not any(tree_lib.is_trainable_path(p) for p in tree_lib.flatten(params)):
     raise ValueError("params has no adapter leaves; call jlora.init(key, params, cfg) first.")
   masked = optax.multi_transform({"adapter": tx, "frozen": optax.set_to_zero()}, _labels)
+  # The state lives where the params do (see tree.placed_like).
+  reference = next(iter(jax.tree.leaves(params)), None)
+  inner_init = masked.init
+  masked = masked._replace(init=lambda p: tree_lib.placed_like(reference, inner_init(p)))
   if lora_plus_ratio is None:
     return masked
   if not lora_plus_ratio > 0:

@@ -58,7 +58,9 @@ def init(key, params, cfg: LoraConfig, *, fn=None, args=(), kwargs=None):
   for t in targets:
     k = jax.random.fold_in(key, zlib.crc32(t.path.encode()))
     leaf = flat[t.path]
-    kernel, leaves = _init_one(k, tree_lib.value(leaf), t, cfg)
+    w = tree_lib.value(leaf)
+    kernel, leaves = _init_one(k, w, t, cfg)
+    leaves = tree_lib.placed_like(w, leaves)
     out[t.path] = tree_lib.rewrap(leaf, kernel)
     head, name = tree_lib.split_leaf(t.path)
     for role, arr in leaves.items():

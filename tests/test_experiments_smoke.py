@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_smoke(module: str, out: Path, timeout: float = 240) -> subprocess.CompletedProcess:
   """``python -m experiments.<module> --smoke --out <out>`` from the repository root, on CPU."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-m", f"experiments.{module}", "--smoke", "--out", str(out)],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+  cmd = [sys.executable, "-m", f"experiments.{module}", "--smoke", "--out", str(out)]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return proc
 

@@ -213,3 +213,15 @@ def test_conv_flops_at_the_floor():
   assert _kernel_shaped_dots(compiled.as_text(), shapes) == []
   merged_hlo = _compiled(merged, params, tx.init(params), x).as_text()
   assert len(_kernel_shaped_dots(merged_hlo, shapes)) >= len(shapes)
+
+
+def test_step_compiles_once_with_a_committed_base():
+  base = jax.device_put({"d": {"kernel": jnp.ones((16, 16))}}, jax.devices()[0])
+  params = jlora.init(jax.random.key(0), base, jlora.LoraConfig(rank=2))
+  tx = jlora.optimizer(optax.adam(1e-3), params)
+  state = tx.init(params)
+  step = jlora.train_step(
+      lambda p, x: jnp.mean(jlora.lora(lambda q, x: x @ q["d"]["kernel"])(p, x) ** 2), tx)
+  for _ in range(3):
+    params, state, _ = step(params, state, jnp.ones((4, 16)))
+  assert step._cache_size() == 1
