@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import warnings
 from typing import Any, NamedTuple
 
@@ -34,6 +35,7 @@ import numpy as np
 from jax.extend.core import Literal
 
 from jlora import merge as merge_lib
+from jlora.branch import lora_branch
 from jlora import tracing
 from jlora import tree as tree_lib
 
@@ -241,16 +243,6 @@ def _labels_b(k: _Kernel):
   return [("s", j) for j in range(k.ad.n_stack)] + ["r"] + [("o", j) for j in range(k.ad.n_out)]
 
 
-def _ldot(lhs, ll, rhs, rl, contract, batch, **kw):
-  """``dot_general`` by axis labels: returns ``(out, out_labels)`` in XLA's order
-  (batch, lhs free, rhs free)."""
-  dn = ((tuple(ll.index(c) for c in contract), tuple(rl.index(c) for c in contract)),
-        (tuple(ll.index(b) for b in batch), tuple(rl.index(b) for b in batch)))
-  out = jax.lax.dot_general(lhs, rhs, dn, **kw)
-  free = lambda labels: [lab for lab in labels if lab not in contract and lab not in batch]
-  return out, list(batch) + free(ll) + free(rl)
-
-
 def _dot_general(eqn, ins, ctx: _Ctx):
   """``x·W`` (W on either side) contracting only W's inputs, or only its outputs."""
   (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
@@ -280,19 +272,29 @@ def _dot_general(eqn, ins, ctx: _Ctx):
     x_labels[i] = lab
   a = (k.ad.a.astype(k.dtype), _labels_a(k))
   b = (k.ad.b.astype(k.dtype), _labels_b(k))
-  first, second = (a, b) if contract_in else (b, a)
-  t, t_labels = _ldot(xl, x_labels, *first, c_labels, b_labels, **kw)
-  # The scale goes on the rank-r intermediate: r columns to multiply, not out.
-  stack = [("s", j) for j in range(k.ad.n_stack)]
-  t = t * _expand(k.ad.scale.astype(t.dtype), stack, t_labels)
-  u, u_labels = _ldot(t, t_labels, *second, ["r"], b_labels, **kw)
-  k_free = [lab for lab in k.axes if lab not in c_labels and lab not in b_labels]
+  (p, p_labels), (q, q_labels) = (a, b) if contract_in else (b, a)
+  # Lay the branch out as matrices (one per stacked layer): x (L?, T, C),
+  # p (L?, C, r), q (L?, r, N). For Dense and attention layouts these are bitcasts.
   x_free = [lab for lab in x_labels if lab[0] == "x"]
+  q_free = [lab for lab in q_labels if lab != "r" and lab not in b_labels]
+  sizes = {**dict(zip(x_labels, np.shape(xl))), **dict(zip(q_labels, np.shape(q)))}
+  lead = [math.prod(sizes[lab] for lab in b_labels)] if b_labels else []
+  flat = lambda arr, labels, order, *shape: jnp.reshape(
+      jnp.transpose(arr, [labels.index(lab) for lab in order]), lead + list(shape))
+  prod = lambda labs: math.prod(sizes[lab] for lab in labs)
+  x2 = flat(xl, x_labels, b_labels + x_free + c_labels, prod(x_free), prod(c_labels))
+  p2 = flat(p, p_labels, b_labels + c_labels + ["r"], prod(c_labels), k.ad.rank)
+  q2 = flat(q, q_labels, b_labels + ["r"] + q_free, k.ad.rank, prod(q_free))
+  stack = [("s", j) for j in range(k.ad.n_stack)]
+  scale = jnp.reshape(_expand(k.ad.scale, stack, b_labels), (-1,)) if b_labels else k.ad.scale
+  u = lora_branch(x2, p2, q2, scale, bool(b_labels), kw.get("precision"))
+  u = jnp.reshape(u, [sizes[lab] for lab in b_labels + x_free + q_free])
+  u_labels = b_labels + x_free + q_free
+  k_free = [lab for lab in k.axes if lab not in c_labels and lab not in b_labels]
   target = b_labels + (k_free + x_free if kernel_left else x_free + k_free)
-  u = jnp.transpose(u, [u_labels.index(lab) for lab in target])
+  y_lora = jnp.transpose(u, [u_labels.index(lab) for lab in target])
   y = jax.lax.dot_general(*((k.base(), x) if kernel_left else (x, k.base())),
                           eqn.params["dimension_numbers"], **kw)
-  y_lora = u
   if k.ad.m is not None:
     f = _expand(k.factor_dora().astype(y.dtype), stack + [("o", j) for j in range(k.ad.n_out)],
                 target)

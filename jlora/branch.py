@@ -1,0 +1,87 @@
+"""The adapter branch ``(x·A)·(s·B)`` with a hand-ordered backward pass.
+
+Autodiff of ``t·B`` gives ``dB = dot(g, t)`` contracting the tokens with the big
+cotangent ``g`` (tokens x out) on the left, and XLA:CPU then writes out ``gᵀ`` in
+a transposing copy per layer: measured in ``experiments/bench.py``, those copies
+made the factored step slower than full fine-tuning although its FLOPs are at the
+floor. This ``custom_vjp`` fixes the form of every backward product instead:
+
+* ``gb = g·(sB)ᵀ`` (tokens x r) and ``dx = gb·Aᵀ``;
+* ``dA = (gbᵀ·x)ᵀ`` and ``dB = s·(tᵀ·g)``: the tokens-by-r operand is always the
+  one that gets transposed, and the result is ``(r, big)``.
+
+For small ranks the two products whose inner dimension is r (``t·sB`` forward,
+``gb·Aᵀ`` backward) are written as r broadcast multiply-adds, which XLA fuses
+into the neighbouring elementwise work instead of running a K=r matmul that
+writes a tokens x out array.
+
+A ``custom_vjp`` has no forward-mode derivative: ``jax.jvp``/``jacfwd`` through
+``jlora.lora(fn)`` need ``mode="merged"``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+#: Ranks up to this use broadcast multiply-adds for the K=r products.
+UNROLL_MAX_RANK = 16
+
+
+def _dot(a, b, ca: int, cb: int, batched: bool, precision):
+  """Contract axis ``ca`` of ``a`` with ``cb`` of ``b``; axis 0 is shared when batched."""
+  batch = ((0,), (0,)) if batched else ((), ())
+  return jax.lax.dot_general(a, b, (((ca,), (cb,)), batch), precision=precision)
+
+
+def _times_rank(t, m, m_rank_axis: int, batched: bool, precision):
+  """``t (L?, T, r)`` times ``m`` with its rank on ``m_rank_axis``: ``(L?, T, N)``."""
+  r = t.shape[-1]
+  if r > UNROLL_MAX_RANK:
+    return _dot(t, m, t.ndim - 1, m_rank_axis, batched, precision)
+  take = (lambda j: m[..., j, :]) if m_rank_axis == m.ndim - 2 else (lambda j: m[..., :, j])
+  out = t[..., 0:1] * take(0)[..., None, :]
+  for j in range(1, r):
+    out = out + t[..., j:j + 1] * take(j)[..., None, :]
+  return out
+
+
+def _scaled(s, m, batched: bool):
+  return (s[:, None, None] if batched else s).astype(m.dtype) * m
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def lora_branch(x, a, b, s, batched: bool = False, precision=None):
+  """``(x·a)·(s·b)``.
+
+  Args:
+    x: ``(T, C)``, or ``(L, T, C)`` when ``batched`` (L stacked layers under vmap).
+    a: ``(C, r)`` or ``(L, C, r)``.
+    b: ``(r, N)`` or ``(L, r, N)``.
+    s: the scale, ``()`` or ``(L,)``; a constant (its cotangent is zero).
+
+  Returns:
+    ``(T, N)`` or ``(L, T, N)``.
+  """
+  return _forward(x, a, b, s, batched, precision)[0]
+
+
+def _forward(x, a, b, s, batched, precision):
+  t = _dot(x, a, x.ndim - 1, a.ndim - 2, batched, precision)
+  u = _times_rank(t, _scaled(s, b, batched), b.ndim - 2, batched, precision)
+  return u, (x, a, b, s, t)
+
+
+def _backward(batched, precision, res, g):
+  x, a, b, s, t = res
+  n = 1 if batched else 0  # the token axis
+  gb = _dot(g, _scaled(s, b, batched), g.ndim - 1, b.ndim - 1, batched, precision)
+  dx = _times_rank(gb, a, a.ndim - 1, batched, precision)
+  da = jnp.swapaxes(_dot(gb, x, n, n, batched, precision), -1, -2)
+  db = _scaled(s, _dot(t, g, n, n, batched, precision), batched)
+  return (dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype), jnp.zeros_like(s))
+
+
+lora_branch.defvjp(_forward, _backward)
