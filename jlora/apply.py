@@ -125,7 +125,9 @@ def lora(fn, *, mode: str = "factored", on_fallback: str = "warn"):
     leaves. ``lora_rng`` turns on the adapters' input dropout (the rate stored in
     ``lora_dropout``); without it dropout is off. Its output equals
     ``fn(jlora.merge(params), *args, **kw)`` to float tolerance, under ``jit``,
-    ``grad``, ``vmap``, ``scan`` and ``remat``.
+    ``grad``, ``vmap``, ``scan`` and ``remat``. The matmul branch is a
+    ``custom_vjp`` (``jlora.branch``), so forward-mode derivatives (``jax.jvp``,
+    ``jacfwd``) need ``mode="merged"``.
   """
   if mode not in ("factored", "merged"):
     raise ValueError(f"mode must be 'factored' or 'merged'; got {mode!r}.")
