@@ -65,8 +65,3 @@ def sub_jaxpr(eqn):
         len(jaxpr.invars) == len(eqn.invars) and len(jaxpr.outvars) == len(eqn.outvars)):
       return jaxpr, consts
   return None
-
-
-def literal_value(v):
-  """The Python/NumPy value of a jaxpr literal, or None if ``v`` is a variable."""
-  return v.val if hasattr(v, "val") and not hasattr(v, "count") else None
