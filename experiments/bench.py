@@ -96,6 +96,7 @@ SIZES = {
 TARGET_FLOOR = 1.10      # jlora step time / floor step time
 TARGET_FULL_MLP = 0.80   # jlora step time / full fine-tuning, on the MLP stack
 TARGET_RANK = 1.15       # jlora rank-64 step time / rank-1 step time
+TARGET_FORWARD = 1.05    # merged-mode forward time / base forward time (inference; 1.00 +- noise)
 
 
 # --------------------------------------------------------------------------------------
@@ -542,11 +543,22 @@ def hlo_stats(hlo: str, kernel_shapes, tokens) -> dict:
 # The run.
 
 
+def make_forward(s: Setup, name: str, params, apply) -> Variant:
+  """A jitted forward pass (inference): ``apply(params, *inputs)``."""
+  params = _copy(params)
+  compiled, secs = _compile(lambda p, *inputs: apply(p, *inputs), params, *s.inputs)
+  return Variant(name, "forward", None, compiled, (params,), tuple(s.inputs), 0, 0, 0, secs)
+
+
 def build_variants(s: Setup, size: dict, seed: int, notes: list) -> list[Variant]:
   pr = size["peer_rank"]
   makers = [("full", lambda: make_full(s)), ("floor", lambda: make_floor(s))]
   makers += [(f"jlora_r{r}", lambda r=r: make_jlora(s, r, seed)) for r in s.ranks]
   makers += [(f"jlora_merged_r{pr}", lambda: make_jlora(s, pr, seed, mode="merged"))]
+  # Inference: the merged mode's forward against the base model's forward.
+  makers += [("fwd_base", lambda: make_forward(s, "fwd_base", s.params, s.apply)),
+             (f"fwd_merged_r{pr}", lambda: make_forward(
+                 s, f"fwd_merged_r{pr}", lora_params(s, pr, seed), jlora.lora(s.apply, mode="merged")))]
   if size["peers"]:
     if s.nnx_builder is not None:
       makers.append((f"nnx_lora_r{pr}", lambda: make_nnx_lora(s, pr, seed)))
@@ -637,6 +649,9 @@ def check_targets(rows: list[dict], peer_rank: int) -> list[dict]:
     add(model, f"jlora r{peer_rank} <= {TARGET_FLOOR} x floor", j, by["floor"], TARGET_FLOOR)
     if model == "mlp":
       add(model, f"jlora r{peer_rank} <= {TARGET_FULL_MLP} x full", j, by["full"], TARGET_FULL_MLP)
+    if f"fwd_merged_r{peer_rank}" in by:
+      add(model, f"merged forward r{peer_rank} <= {TARGET_FORWARD} x base forward",
+          by[f"fwd_merged_r{peer_rank}"], by["fwd_base"], TARGET_FORWARD)
     ranks = sorted(r["rank"] for r in by.values() if r["kind"] == "jlora")
     if len(ranks) > 1:
       add(model, f"jlora r{ranks[-1]} <= {TARGET_RANK} x r{ranks[0]}", by[f"jlora_r{ranks[-1]}"],
