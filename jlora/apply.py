@@ -263,8 +263,10 @@ def _dot_general(eqn, ins, ctx: _Ctx):
   if side not in ({"i"}, {"o"}):
     return None
   contract_in = side == {"i"}
-  if k.ad.m is not None and not (contract_in and len(c_labels) == k.ad.n_in):
-    return None  # DoRA's column norm needs every input axis contracted
+  if len(c_labels) != (k.ad.n_in if contract_in else k.ad.n_out):
+    return None  # the branch is (x·A)·B as matrices: every axis of one side contracts
+  if k.ad.m is not None and not contract_in:
+    return None  # DoRA's column norm runs over the inputs
   xl = _lora_input(x, k, ctx)
   if xl is None:
     return None

@@ -224,3 +224,13 @@ def test_linen_rngs_mutable_and_bf16_kernel(key):
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), rtol=2e-2, atol=2e-2)
   np.testing.assert_allclose(upd["batch_stats"]["BatchNorm_0"]["mean"],
                              ref_upd["batch_stats"]["BatchNorm_0"]["mean"], rtol=1e-5, atol=1e-6)
+
+
+def test_partial_contraction_falls_back_exactly(key):
+  """A kernel with two input axes used by an einsum that contracts only one of them."""
+  params = _adapted(key, {"w": {"kernel": jax.random.normal(key, (2, 3, 4))}}, in_axes={"w": 2})
+  fn = lambda p, x: jnp.einsum("bk,hkd->bhd", x, p["w"]["kernel"])
+  x = jax.random.normal(key, (5, 3))
+  with pytest.warns(jlora.LoraFallbackWarning, match="dot_general"):
+    out = jlora.lora(fn)(params, x)
+  np.testing.assert_allclose(out, fn(jlora.merge(params), x), rtol=1e-5, atol=1e-6)
