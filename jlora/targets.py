@@ -205,11 +205,12 @@ def select(flat: Mapping[str, Any], cfg: LoraConfig,
 def _split_for(path, shape, cfg: LoraConfig, found) -> tuple[Split, str]:
   name = tree_lib.split_leaf(path)[1]
   seen, kind = found.get(path, (None, None))
-  base = seen or default_split(path, shape, cfg)
-  n_stack = _first_match(cfg.stack_axes, path)
-  n_in = _first_match(cfg.in_axes, path)
-  split = Split(base.n_stack if n_stack is None else n_stack,
-                base.n_in if n_in is None else n_in)
+  if seen is None:
+    split = default_split(path, shape, cfg)  # applies the overrides itself
+  else:  # the overrides still win over what the model showed
+    n_stack, n_in = _first_match(cfg.stack_axes, path), _first_match(cfg.in_axes, path)
+    split = Split(seen.n_stack if n_stack is None else n_stack,
+                  seen.n_in if n_in is None else n_in)
   if kind is None:  # a label only; the model trace (``fn``) gives the real kind
     kind = ("embed" if name == "embedding" else
             "dense" if len(shape) - split.n_stack == 2 else "general")
