@@ -62,10 +62,13 @@ class _Kernel(NamedTuple):
   dtype: Any
 
   @property
+  def stack_labels(self) -> list:
+    return [("s", j) for j in range(self.ad.n_stack)]
+
+  @property
   def canonical(self):
-    ns, ni, no = self.ad.n_stack, self.ad.n_in, self.ad.n_out
-    return (tuple(("s", k) for k in range(ns)) + tuple(("i", k) for k in range(ni))
-            + tuple(("o", k) for k in range(no)))
+    return (tuple(self.stack_labels) + tuple(("i", k) for k in range(self.ad.n_in))
+            + tuple(("o", k) for k in range(self.ad.n_out)))
 
   def _to_current(self, canonical_array):
     perm = [self.canonical.index(lab) for lab in self.axes]
@@ -238,11 +241,11 @@ def _lora_input(x, k: _Kernel, ctx: _Ctx):
 
 
 def _labels_a(k: _Kernel):
-  return [("s", j) for j in range(k.ad.n_stack)] + [("i", j) for j in range(k.ad.n_in)] + ["r"]
+  return k.stack_labels + [("i", j) for j in range(k.ad.n_in)] + ["r"]
 
 
 def _labels_b(k: _Kernel):
-  return [("s", j) for j in range(k.ad.n_stack)] + ["r"] + [("o", j) for j in range(k.ad.n_out)]
+  return k.stack_labels + ["r"] + [("o", j) for j in range(k.ad.n_out)]
 
 
 def _dot_general(eqn, ins, ctx: _Ctx):
@@ -257,7 +260,7 @@ def _dot_general(eqn, ins, ctx: _Ctx):
   b_labels = [k.axes[i] for i in kb]
   # Stack axes must pair with batch axes of x (as under vmap), and the contraction
   # must stay on one side of the rank-r bottleneck.
-  if set(b_labels) != {("s", j) for j in range(k.ad.n_stack)}:
+  if set(b_labels) != set(k.stack_labels):
     return None
   side = {lab[0] for lab in c_labels}
   if side not in ({"i"}, {"o"}):
@@ -289,7 +292,7 @@ def _dot_general(eqn, ins, ctx: _Ctx):
   x2 = flat(xl, x_labels, b_labels + x_free + c_labels, prod(x_free), prod(c_labels))
   p2 = flat(p, p_labels, b_labels + c_labels + ["r"], prod(c_labels), k.ad.rank)
   q2 = flat(q, q_labels, b_labels + ["r"] + q_free, k.ad.rank, prod(q_free))
-  stack = [("s", j) for j in range(k.ad.n_stack)]
+  stack = k.stack_labels
   scale = jnp.reshape(_expand(k.ad.scale, stack, b_labels), (-1,)) if b_labels else k.ad.scale
   u = lora_branch(x2, p2, q2, scale, bool(b_labels), kw.get("precision"))
   u = jnp.reshape(u, [sizes[lab] for lab in b_labels + x_free + q_free])
