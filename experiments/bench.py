@@ -3,7 +3,7 @@
 Run::
 
     python -m experiments.bench --smoke     # tiny shapes, 2 rounds, no peers (the tests use it)
-    python -m experiments.bench --quick     # the reference shapes, ~10 minutes on 2 CPU cores
+    python -m experiments.bench --quick     # the reference shapes, ~12 minutes on 2 CPU cores
     python -m experiments.bench --full      # more rounds, every rank on every model
 
 Everything is measured in one process. For each model every variant's step is
@@ -75,7 +75,7 @@ SIZES = {
             "unet": dict(channels=(32,), image=8, batch=1, ranks=(4,)),
         }),
     "quick": dict(
-        warmup=1, rounds=5, peers=True, peer_rank=8,
+        warmup=1, rounds=9, peers=True, peer_rank=8,
         models={
             "mlp": dict(d=512, hidden=2048, blocks=4, batch=32, seq=128, ranks=(1, 8, 64)),
             "transformer": dict(d=512, hidden=2048, heads=8, blocks=4, batch=32, seq=128,
@@ -660,7 +660,7 @@ def check_targets(rows: list[dict], peer_rank: int) -> list[dict]:
 
 
 COLUMNS = ["model", "variant", "t/full", "t/floor", "cpu/full", "cpu/floor", "gflops",
-           "flops/full", "flops/floor", "peak_mib", "opt_state_mib", "trainable"]
+           "flops/full", "flops/floor", "peak_mib", "temp_mib", "opt_state_mib", "trainable"]
 HLO_COLUMNS = ["model", "variant", "dot", "convolution", "custom_call", "fusion", "transpose",
                "copy", "big_transpose", "kernel_dot", "kernel_add", "kernel_transpose"]
 
