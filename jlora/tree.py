@@ -106,7 +106,10 @@ def flatten(tree: PyTree) -> dict[str, Any]:
 
 def value(leaf):
   """The array inside a leaf (unwraps an ``nnx.Variable``)."""
-  return leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+  if not isinstance(leaf, nnx.Variable):
+    return leaf
+  # flax >= 0.12 has ``get_value`` and deprecates ``.value``; 0.11 has only ``.value``.
+  return leaf.get_value() if hasattr(type(leaf), "get_value") else leaf.value
 
 
 def rewrap(like, array):
