@@ -35,7 +35,7 @@ import numpy as np
 from jax.extend.core import Literal
 
 from jlora import merge as merge_lib
-from jlora.branch import lora_branch
+from jlora.branch import UNROLL_MAX_RANK, lora_branch, lora_matmul
 from jlora import tracing
 from jlora import tree as tree_lib
 
@@ -294,18 +294,27 @@ def _dot_general(eqn, ins, ctx: _Ctx):
   q2 = flat(q, q_labels, b_labels + ["r"] + q_free, k.ad.rank, prod(q_free))
   stack = k.stack_labels
   scale = jnp.reshape(_expand(k.ad.scale, stack, b_labels), (-1,)) if b_labels else k.ad.scale
+  k_free = [lab for lab in k.axes if lab not in c_labels and lab not in b_labels]
+  target = b_labels + (k_free + x_free if kernel_left else x_free + k_free)
+  dora = lambda y: y * _expand(k.factor_dora().astype(y.dtype),
+                               stack + [("o", j) for j in range(k.ad.n_out)], target)
+  if (k.ad.rank > UNROLL_MAX_RANK and not b_labels and xl is x and not kernel_left
+      and x_labels == x_free + c_labels and list(k.axes) == c_labels + k_free == c_labels + q_free
+      and x.dtype == k.dtype and kw.get("preferred_element_type") in (None, x.dtype)):
+    # x·W + s·(x·A)·B as one product of plain matrices (see branch.lora_matmul); every
+    # reshape here is a bitcast, since x and W are already laid out (T, C) and (C, N).
+    y = lora_matmul(x2, jnp.reshape(k.base(), (prod(c_labels), prod(k_free))), p2, q2, scale,
+                    kw.get("precision"))
+    y = jnp.reshape(y, [sizes[lab] for lab in x_free + k_free])
+    return y if k.ad.m is None else dora(y)
   u = lora_branch(x2, p2, q2, scale, bool(b_labels), kw.get("precision"))
   u = jnp.reshape(u, [sizes[lab] for lab in b_labels + x_free + q_free])
   u_labels = b_labels + x_free + q_free
-  k_free = [lab for lab in k.axes if lab not in c_labels and lab not in b_labels]
-  target = b_labels + (k_free + x_free if kernel_left else x_free + k_free)
   y_lora = jnp.transpose(u, [u_labels.index(lab) for lab in target])
   y = jax.lax.dot_general(*((k.base(), x) if kernel_left else (x, k.base())),
                           eqn.params["dimension_numbers"], **kw)
   if k.ad.m is not None:
-    f = _expand(k.factor_dora().astype(y.dtype), stack + [("o", j) for j in range(k.ad.n_out)],
-                target)
-    y, y_lora = y * f, y_lora * f
+    y, y_lora = dora(y), dora(y_lora)
   return y + y_lora.astype(y.dtype)
 
 

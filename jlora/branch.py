@@ -15,6 +15,17 @@ For small ranks the two products whose inner dimension is r (``t·sB`` forward,
 into the neighbouring elementwise work instead of running a K=r matmul that
 writes a tokens x out array.
 
+Above that rank, ``lora_matmul`` computes the whole adapted product
+``x·W + (x·A)·(s·B)`` instead (plain matrices only). Written as a dot plus a K=r dot,
+that sum is a tokens x out array that XLA:CPU recomputes in every consumer fusion,
+so both dot outputs stay alive until the backward pass (measured: +122 MiB of temp
+buffer on the rank-64 MLP stack of ``experiments/bench.py``, and this runtime maps
+and faults in every temp page on every step). Where it is the smaller copy, the
+rank-r products are folded into the big ones by concatenation instead:
+
+* forward, when ``C + r < N``: ``y = [x | t]·[W ; sB]``;
+* backward, when ``N + r < C``: ``dx = [g | gb]·[W | A]ᵀ``.
+
 A ``custom_vjp`` has no forward-mode derivative: ``jax.jvp``/``jacfwd`` through
 ``jlora.lora(fn)`` need ``mode="merged"``.
 """
@@ -85,3 +96,51 @@ def _backward(batched, precision, res, g):
 
 
 lora_branch.defvjp(_forward, _backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def lora_matmul(x, w, a, b, s, precision=None):
+  """``x·w + (x·a)·(s·b)`` for a rank above ``UNROLL_MAX_RANK``.
+
+  Args:
+    x: ``(T, C)``.
+    w: ``(C, N)``, the frozen kernel (its cotangent is zero: it is never computed).
+    a: ``(C, r)``.
+    b: ``(r, N)``.
+    s: the scale, ``()``; a constant.
+
+  Returns:
+    ``(T, N)``.
+  """
+  return _matmul_forward(x, w, a, b, s, precision)[0]
+
+
+def _matmul_forward(x, w, a, b, s, precision):
+  (c, n), r = w.shape, a.shape[1]
+  t = _dot(x, a, 1, 0, False, precision)
+  sb = _scaled(s, b, False)
+  if c + r < n:
+    xt = jnp.concatenate([x, t], axis=1)                  # (T, C + r), saved in place of x
+    y = _dot(xt, jnp.concatenate([w, sb], axis=0), 1, 0, False, precision)
+  else:
+    xt = x
+    y = _dot(x, w, 1, 0, False, precision) + _dot(t, sb, 1, 0, False, precision)
+  return y, (xt, w, a, b, s, t)
+
+
+def _matmul_backward(precision, res, g):
+  xt, w, a, b, s, t = res
+  (c, n), r = w.shape, a.shape[1]
+  gb = _dot(g, _scaled(s, b, False), 1, 1, False, precision)      # (T, r)
+  if n + r < c:
+    dx = _dot(jnp.concatenate([g, gb], axis=1), jnp.concatenate([w, a], axis=1), 1, 1, False,
+              precision)
+  else:
+    dx = _dot(g, w, 1, 1, False, precision) + _dot(gb, a, 1, 1, False, precision)
+  da = jnp.swapaxes(_dot(gb, xt, 0, 0, False, precision)[:, :c], 0, 1)   # x is xt's first C columns
+  db = _scaled(s, _dot(t, g, 0, 0, False, precision), False)
+  return (dx.astype(xt.dtype), jnp.zeros_like(w), da.astype(a.dtype), db.astype(b.dtype),
+          jnp.zeros_like(s))
+
+
+lora_matmul.defvjp(_matmul_forward, _matmul_backward)

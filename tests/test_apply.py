@@ -234,3 +234,28 @@ def test_partial_contraction_falls_back_exactly(key):
   with pytest.warns(jlora.LoraFallbackWarning, match="dot_general"):
     out = jlora.lora(fn)(params, x)
   np.testing.assert_allclose(out, fn(jlora.merge(params), x), rtol=1e-5, atol=1e-6)
+
+
+class _WideNarrow(nn.Module):
+  """Dense layers in both aspect ratios, 3-D tokens with bias, and attention (square)."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.gelu(nn.Dense(64, name="up")(x))                      # 20 -> 64
+    x = x + nn.Dense(20, name="down")(h)                          # 64 -> 20
+    return nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=40, out_features=40,
+                                           name="attn")(x)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_high_rank_whole_matmul(key, dora):
+  # Above branch.UNROLL_MAX_RANK a Dense-layout product runs as one lora_matmul (with
+  # concatenated operands where that is cheaper); it must still equal the merged reference.
+  model = _WideNarrow()
+  x = jax.random.normal(key, (2, 5, 20))
+  base = model.init(key, x)["params"]
+  params = _adapted(key, {"params": base}, model.apply, (x,), rank=18, dora=dora,
+                    targets=r"kernel$")
+  assert_factored_matches_merged(model.apply, params, x)
+  jaxpr = str(jax.make_jaxpr(lambda p: jlora.lora(model.apply)(p, x))(params))
+  assert jaxpr.count("lora_matmul") >= 6, "the high-rank path was not taken"

@@ -92,13 +92,16 @@ class _Net(nn.Module):
     return x
 
 
-@pytest.fixture(scope="module")
-def setup():
+@pytest.fixture(scope="module", params=[4, 24], ids=["r4", "r24"])
+def setup(request):
+  # r4 runs branch.lora_branch; r24 (above UNROLL_MAX_RANK) runs branch.lora_matmul, with
+  # fc1's forward and fc2's backward as concatenated products.
   model = _Net()
   x = jax.random.normal(jax.random.key(0), (4, 24, D))
   y = jax.random.normal(jax.random.key(1), (4, 24, D))
   base = model.init(jax.random.key(2), x)
-  params = jlora.init(jax.random.key(3), base, jlora.LoraConfig(rank=4, targets=TARGETS),
+  params = jlora.init(jax.random.key(3), base,
+                      jlora.LoraConfig(rank=request.param, targets=TARGETS),
                       fn=model.apply, args=(x,))
   return model, x, y, base, params
 
@@ -184,8 +187,11 @@ def test_flops_at_the_floor(setup):
   # forward x·A, t·B; backward dB, dt, dA, dx: six rank-r products per matrix
   adapter = sum(6 * tokens * a.rank * (a.a.size + a.b.size) // a.rank for a in jlora.adapters(params))
   assert f_lora <= f_floor + adapter, (f_lora, f_floor, adapter)
-  assert f_lora < f_merged and f_merged > f_floor + adapter
   assert f_floor < f_full
+  if max(a.rank for a in jlora.adapters(params)) <= 8:
+    # At low rank the bound is tight enough to mean something: below the merged step.
+    # (At r=24 on d=64 the adapters' own products cost more than a weight gradient.)
+    assert f_lora < f_merged and f_merged > f_floor + adapter
 
 
 class _ConvNet(nn.Module):
