@@ -259,3 +259,6 @@ def test_high_rank_whole_matmul(key, dora):
   assert_factored_matches_merged(model.apply, params, x)
   jaxpr = str(jax.make_jaxpr(lambda p: jlora.lora(model.apply)(p, x))(params))
   assert jaxpr.count("lora_matmul") >= 6, "the high-rank path was not taken"
+  # ... and under jit of a vmap over examples
+  batched = lambda p, xs: jax.vmap(lambda xi: model.apply(p, xi))(xs)
+  assert_factored_matches_merged(jax.jit(batched), params, jnp.stack([x, 2 * x, -x]))
