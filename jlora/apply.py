@@ -296,8 +296,6 @@ def _dot_general(eqn, ins, ctx: _Ctx):
   scale = jnp.reshape(_expand(k.ad.scale, stack, b_labels), (-1,)) if b_labels else k.ad.scale
   k_free = [lab for lab in k.axes if lab not in c_labels and lab not in b_labels]
   target = b_labels + (k_free + x_free if kernel_left else x_free + k_free)
-  dora = lambda y: y * _expand(k.factor_dora().astype(y.dtype),
-                               stack + [("o", j) for j in range(k.ad.n_out)], target)
   if (k.ad.rank > UNROLL_MAX_RANK and not b_labels and xl is x and not kernel_left
       and x_labels == x_free + c_labels and list(k.axes) == c_labels + k_free == c_labels + q_free
       and x.dtype == k.dtype and kw.get("preferred_element_type") in (None, x.dtype)):
@@ -306,7 +304,7 @@ def _dot_general(eqn, ins, ctx: _Ctx):
     y = lora_matmul(x2, jnp.reshape(k.base(), (prod(c_labels), prod(k_free))), p2, q2, scale,
                     kw.get("precision"))
     y = jnp.reshape(y, [sizes[lab] for lab in x_free + k_free])
-    return y if k.ad.m is None else dora(y)
+    return y if k.ad.m is None else y * _dora_factor(k, target, y.dtype)
   u = lora_branch(x2, p2, q2, scale, bool(b_labels), kw.get("precision"))
   u = jnp.reshape(u, [sizes[lab] for lab in b_labels + x_free + q_free])
   u_labels = b_labels + x_free + q_free
@@ -314,8 +312,15 @@ def _dot_general(eqn, ins, ctx: _Ctx):
   y = jax.lax.dot_general(*((k.base(), x) if kernel_left else (x, k.base())),
                           eqn.params["dimension_numbers"], **kw)
   if k.ad.m is not None:
-    y, y_lora = dora(y), dora(y_lora)
+    f = _dora_factor(k, target, y.dtype)
+    y, y_lora = y * f, y_lora * f
   return y + y_lora.astype(y.dtype)
+
+
+def _dora_factor(k: _Kernel, labels, dtype):
+  """DoRA's ``m / ‖W + sBA‖`` (detached norm) laid out to scale a product with axes ``labels``."""
+  return _expand(k.factor_dora().astype(dtype),
+                 k.stack_labels + [("o", j) for j in range(k.ad.n_out)], labels)
 
 
 def _expand(arr, arr_labels, out_labels):
@@ -341,8 +346,7 @@ def _up_project(k: _Kernel, y, t, c: int):
   t = jnp.asarray(k.ad.scale, t.dtype) * t  # scale the r-wide intermediate, the cheaper side
   y_lora = jnp.moveaxis(jnp.moveaxis(t, c, -1) @ k.ad.b.astype(k.dtype), -1, c)
   if k.ad.m is not None:
-    f = _expand(k.factor_dora().astype(y.dtype), [("o", 0)],
-                [("o", 0) if i == c else ("y", i) for i in range(y.ndim)])
+    f = _dora_factor(k, [("o", 0) if i == c else ("y", i) for i in range(y.ndim)], y.dtype)
     y, y_lora = y * f, y_lora * f
   return y + y_lora.astype(y.dtype)
 
