@@ -17,9 +17,11 @@ compiled module's optimized HLO and put in one of three groups:
 Beside the op times (summed over XLA's threads, in ms per step) it records, per step,
 the process's minor page faults and system CPU time, and XLA's temp-buffer size
 (``compiled.memory_analysis()``). On this runtime each call maps a fresh temp arena,
-so every page of it is faulted in again on every step: a step's temp bytes cost wall
-time even when its FLOPs do not change. Times under the profiler are not results; read
-the table as shares of the floor's step (``/floor`` columns).
+so every page of it is faulted in again on every step, inside whichever op touches it
+first. XLA also runs independent ops side by side on its threads, so group times overlap
+and an op's time includes waiting for cores. To time steps without the page faults,
+preload ``experiments/tools/arena_cache.c``. Times under the profiler are not results;
+read the table as shares of the floor's step (``/floor`` columns).
 """
 
 from __future__ import annotations
