@@ -45,6 +45,8 @@ from experiments import bench, common
 
 NAME = "profile_step"
 GROUPS = ("products", "copies", "other")
+# An HLO instruction line: ``[ROOT] %name = <shape, maybe a tuple> opcode(...``.
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\s([\w\-]+)\(")
 
 
 def hlo_groups(hlo: str) -> dict[str, str]:
@@ -66,12 +68,12 @@ def hlo_groups(hlo: str) -> dict[str, str]:
       bodies[current].append(line)
 
   def opcodes(lines):
-    return {m.group(1) for l in lines if (m := re.search(r"=\s*.*?\s([\w\-]+)\(", l))}
+    return {m.group(2) for l in lines if (m := _INSTRUCTION.match(l))}
 
   groups = {}
   for lines in bodies.values():
     for line in lines:
-      m = re.match(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\s([\w\-]+)\(", line)
+      m = _INSTRUCTION.match(line)
       if not m:
         continue
       name, op = m.groups()
