@@ -665,16 +665,24 @@ HLO_COLUMNS = ["model", "variant", "dot", "convolution", "custom_call", "fusion"
                "copy", "big_transpose", "kernel_dot", "kernel_add", "kernel_transpose"]
 
 
-def main(argv=None):
+def parse_args(doc: str, argv, *int_options: str):
+  """``common.parse_args`` plus ``--models`` (a comma-separated subset of the bench models)
+  and the given integer options; returns ``(args, options, models)``."""
   extra = argparse.ArgumentParser(add_help=False)
   extra.add_argument("--models", default=None, help="comma-separated subset of mlp,transformer,unet")
-  extra.add_argument("--rounds", type=int, default=None)
+  for name in int_options:
+    extra.add_argument(f"--{name}", type=int, default=None)
   known, rest = extra.parse_known_args(argv if argv is not None else sys.argv[1:])
-  args = common.parse_args(__doc__.splitlines()[0], rest)
+  args = common.parse_args(doc.splitlines()[0], rest)
+  models = known.models.split(",") if known.models else list(SIZES[args.size]["models"])
+  return args, known, models
+
+
+def main(argv=None):
+  args, known, models = parse_args(__doc__, argv, "rounds")
   size = dict(SIZES[args.size])
   if known.rounds:
     size["rounds"] = known.rounds
-  models = known.models.split(",") if known.models else list(size["models"])
   results = common.Results(NAME, args)
   print(f"bench ({args.size}): models {models}, {size['warmup']} warm-up + {size['rounds']} "
         f"rounds, jax {jax.__version__} on {jax.default_backend()}", flush=True)

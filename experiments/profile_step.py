@@ -26,7 +26,6 @@ read the table as shares of the floor's step (``/floor`` columns).
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import gzip
@@ -148,14 +147,9 @@ COLUMNS = ["model", "variant", "step/floor", "products/floor", "copies/floor", "
 
 
 def main(argv=None):
-  extra = argparse.ArgumentParser(add_help=False)
-  extra.add_argument("--models", default=None, help="comma-separated subset of mlp,transformer,unet")
-  extra.add_argument("--rank", type=int, default=None)
-  known, rest = extra.parse_known_args(argv if argv is not None else sys.argv[1:])
-  args = common.parse_args(__doc__.splitlines()[0], rest)
+  args, known, models = bench.parse_args(__doc__, argv, "rank")
   size = bench.SIZES[args.size]
   rank = known.rank or size["peer_rank"]
-  models = known.models.split(",") if known.models else list(size["models"])
   calls = 2 if args.size == "smoke" else 5
   results = common.Results(NAME, args)
   rows = []
