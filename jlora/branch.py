@@ -87,12 +87,20 @@ def _forward(x, a, b, s, batched, precision):
 
 def _backward(batched, precision, res, g):
   x, a, b, s, t = res
-  n = 1 if batched else 0  # the token axis
   gb = _dot(g, _scaled(s, b, batched), g.ndim - 1, b.ndim - 1, batched, precision)
   dx = _times_rank(gb, a, a.ndim - 1, batched, precision)
+  da, db = _factor_grads(x, t, g, gb, s, batched, precision)
+  return (dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype), jnp.zeros_like(s))
+
+
+def _factor_grads(x, t, g, gb, s, batched, precision):
+  """``dA = (gbᵀ·x)ᵀ`` and ``dB = s·(tᵀ·g)``, contracting the tokens with the r-wide
+  operand on the left (the one XLA transposes). ``x`` may carry extra trailing columns
+  (``lora_matmul`` saves ``[x | t]``); only ``dA``'s matching rows are extra then."""
+  n = 1 if batched else 0  # the token axis
   da = jnp.swapaxes(_dot(gb, x, n, n, batched, precision), -1, -2)
   db = _scaled(s, _dot(t, g, n, n, batched, precision), batched)
-  return (dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype), jnp.zeros_like(s))
+  return da, db
 
 
 lora_branch.defvjp(_forward, _backward)
@@ -137,8 +145,8 @@ def _matmul_backward(precision, res, g):
               precision)
   else:
     dx = _dot(g, w, 1, 1, False, precision) + _dot(gb, a, 1, 1, False, precision)
-  da = jnp.swapaxes(_dot(gb, xt, 0, 0, False, precision)[:, :c], 0, 1)   # x is xt's first C columns
-  db = _scaled(s, _dot(t, g, 0, 0, False, precision), False)
+  da, db = _factor_grads(xt, t, g, gb, s, False, precision)
+  da = da[:c]                                                       # x is xt's first C columns
   return (dx.astype(xt.dtype), jnp.zeros_like(w), da.astype(a.dtype), db.astype(b.dtype),
           jnp.zeros_like(s))
 
