@@ -215,8 +215,8 @@ def lora_config(run: Run) -> jlora.LoraConfig:
 def expected_trainable(base, run: Run) -> int:
   """Exact count from the formula: sum r (fan_in + fan_out), plus fan_out per DoRA magnitude."""
   total = 0
-  for path, leaf in jlora.tree.flatten(base).items():
-    if re.search(run.targets, path):
+  for keypath, leaf in jax.tree_util.tree_flatten_with_path(base)[0]:
+    if re.search(run.targets, jax.tree_util.keystr(keypath, simple=True, separator="/")):
       shape = np.shape(leaf)
       fan_in, fan_out = int(np.prod(shape[:-1])), int(shape[-1])
       total += run.rank * (fan_in + fan_out) + (fan_out if run.kind == "dora" else 0)
@@ -295,8 +295,7 @@ def zlib_hash(text: str) -> int:
 
 def with_strength(params, strength: float):
   """The diffusers ``scale``: multiply every ``lora_scale`` leaf by ``strength``."""
-  return jlora.tree.map_paths(
-      lambda p, x: x * jnp.float32(strength) if p.endswith("lora_scale") else x, params)
+  return jlora.scale(params, strength)
 
 
 # ---------------------------------------------------------------------------

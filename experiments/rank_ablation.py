@@ -342,7 +342,7 @@ def train_lora(ctx: Context, spec: Spec, alpha: float | None = None) -> LoraRun:
   # fn=model.apply: the in/out split of every kernel (e.g. q/k/v's (d, heads, head_dim)) is read
   # from the computation itself rather than guessed from the shape.
   params = jlora.init(run_key(spec), fresh_copy(ctx.base), cfg, fn=ctx.model.apply, args=(x0,))
-  init_adapters = {ad.path: {"a": np.asarray(ad.a), "b": np.asarray(ad.b)}
+  init_adapters = {ad.name: {"a": np.asarray(ad.a), "b": np.asarray(ad.b)}
                    for ad in jlora.adapters(params)}
   count = jlora.count_params(params)
   step, tx = lora_train_step(ctx)

@@ -91,9 +91,9 @@ def factors(run: ra.LoraRun) -> dict[str, dict[str, np.ndarray]]:
   for ad in jlora.adapters(run.params):
     a, b = np.asarray(ad.a, np.float64), np.asarray(ad.b, np.float64)
     scale = float(np.asarray(ad.scale))
-    out[ad.path] = {"a": a, "b": b, "delta": scale * np.tensordot(a, b, axes=1),
+    out[ad.name] = {"a": a, "b": b, "delta": scale * np.tensordot(a, b, axes=1),
                     "kernel": np.asarray(ad.kernel, np.float64),
-                    "a_init": np.asarray(run.init_adapters[ad.path]["a"], np.float64)}
+                    "a_init": np.asarray(run.init_adapters[ad.name]["a"], np.float64)}
   return out
 
 

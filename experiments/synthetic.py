@@ -105,10 +105,8 @@ def lora_config(rank: int, rslora: bool | None) -> jlora.LoraConfig:
 
 def adapter_grad_norm(loss, params, key) -> float:
   """Global L2 norm of the loss gradient over the trainable adapter leaves only."""
-  grads = jax.grad(lambda p: loss(jlora.freeze(p), key))(params)
-  mask = jlora.trainable_mask(params)
-  sq = jax.tree.map(lambda g, m: jnp.sum(g * g) if m else 0.0, grads, mask)
-  return float(jnp.sqrt(sum(jax.tree.leaves(sq))))
+  _, grads = jlora.value_and_grad(loss)(params, key)
+  return float(jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads))))
 
 
 def train(loss, params, steps: int, lr: float, key, grad_at=()) -> tuple[dict, list, dict]:

@@ -9,20 +9,22 @@ The whole train path, in four modules:
 """
 
 from jlora import analysis
+from jlora.adapter import Adapter, Split, adapters
 from jlora.apply import LoraFallbackWarning, lora
 from jlora.config import LoraConfig
+from jlora.edit import map_adapters, scale
 from jlora.merge import deltas, merge, unmerge
-from jlora.optim import freeze, optimizer, train_step, trainable_mask
+from jlora.optim import (optimizer, split_trainable, train_step, trainable_mask,
+                         value_and_grad)
 from jlora.partition import combine, partition
 from jlora.summary import ParamCount, adapter_bytes, count_params, summary
 from jlora.transform import init
-from jlora.tree import Adapter, adapters
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "Adapter", "LoraConfig", "LoraFallbackWarning", "ParamCount", "adapter_bytes",
-    "adapters", "analysis", "combine", "count_params", "deltas", "freeze", "init", "lora",
-    "merge", "optimizer", "partition", "summary", "train_step", "trainable_mask",
-    "unmerge",
+    "Adapter", "LoraConfig", "LoraFallbackWarning", "ParamCount", "Split", "adapter_bytes",
+    "adapters", "analysis", "combine", "count_params", "deltas", "init", "lora",
+    "map_adapters", "merge", "optimizer", "partition", "scale", "split_trainable",
+    "summary", "train_step", "trainable_mask", "unmerge", "value_and_grad",
 ]

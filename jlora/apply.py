@@ -1,29 +1,31 @@
 """``jlora.lora(fn)``: run model code written for base params, with adapters, factored.
 
-How it works. ``fn`` is traced once (per input shapes) into a jaxpr over the base
-params, with public JAX APIs only (``jax.make_jaxpr``, ``Primitive.bind``). The
-jaxpr is then evaluated equation by equation. Every adapted kernel enters as a
-``_Kernel``: the frozen ``W`` (behind ``stop_gradient``) together with its
-``A``, ``B`` and scale, and a label per axis saying whether it is a stack, input
-or output axis of the kernel. Transposes and dtype casts on it only relabel. When
-it reaches the op that uses it as a weight, that op is rewritten:
+How it works. ``fn`` is traced once per input signature into a jaxpr over the
+base params, with public JAX APIs only (``jax.make_jaxpr``, ``Primitive.bind``).
+The jaxpr is then evaluated equation by equation (``walk.Walker``). Every adapted
+kernel enters as a ``_Kernel``: the frozen ``W`` (behind ``stop_gradient``)
+together with its ``A``, ``B`` and scale, and a label per axis saying whether it
+is a stack, input or output axis of the kernel. Transposes, dtype casts and
+picking layers out of a stack (``W[i]``) only relabel or slice. When it reaches
+the op that uses it as a weight, that op is rewritten:
 
-* ``dot_general(x, W)``  ->  ``x·W + s·(x·A)·B``   (DoRA: times ``m/||W+sAB||``);
+* ``dot_general(x, W)``  ->  ``x·W + s·(x·A)·B``   (DoRA: times ``m/‖W+sAB‖``);
 * ``conv(x, W)``         ->  ``conv(x, W) + s·conv(x, A)·B``  (the LoCon form);
 * ``gather(W, idx)``     ->  ``W[idx] + s·A[idx]·B``  (embedding lookups).
 
 ``W + s·A·B`` is never formed, and since ``W`` is a constant to autodiff, its
 weight gradient is never computed: the backward pass has only the input
-gradient through ``W`` and the rank-r products. ``jit`` and ``checkpoint``
-(remat) calls are followed inside, ``scan`` bodies are rebuilt (stacked kernels
-of ``nn.scan`` are sliced per layer like any other ``xs``), and any other use of
-a kernel falls back to the merged kernel ``merge.merged_kernel``: still exact,
-reported once per path.
+gradient through ``W`` and the rank-r products. ``jit`` calls are followed
+inside; ``remat``, ``scan``, ``cond`` and ``while`` bodies are rebuilt around the
+kernels' arrays (stacked kernels of ``nn.scan`` are sliced per layer like any
+other ``xs``). Any other use of a kernel falls back to the merged kernel
+``merge.merged_kernel``: still exact, reported once per path and reason. That
+includes a kernel entering a ``custom_jvp``/``custom_vjp`` function: its rule is
+kept, and it is given the merged kernel.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import warnings
@@ -32,32 +34,38 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend.core import Literal
 
+from jlora import adapter as adapter_lib
 from jlora import merge as merge_lib
-from jlora.branch import UNROLL_MAX_RANK, lora_branch, lora_matmul
 from jlora import tracing
 from jlora import tree as tree_lib
+from jlora import walk
+from jlora.adapter import Adapter, Split
+from jlora.branch import default_unroll_max_rank, lora_branch, lora_matmul
 
-_PASS_THROUGH = ("convert_element_type", "copy", "copy_p")
-_INLINE = ("jit", "pjit", "closed_call", "core_call")
-_REMAT = ("remat", "remat2", "checkpoint")
+#: How many traced signatures ``lora(fn)`` keeps per wrapped function.
+_CACHE_SIZE = 32
 
 
 class LoraFallbackWarning(UserWarning):
   """A kernel reached an op with no factored rule and was merged for it."""
 
 
+_ARRAYS = ("kernel", "a", "b", "scale", "m", "dropout")
+
+
 class _Kernel(NamedTuple):
   """An adapted kernel inside the interpreter.
 
-  ``ad`` holds the arrays in their canonical layout (``tree.Adapter``), its
-  kernel already behind ``stop_gradient``. ``axes`` labels each axis of the
-  kernel as the program currently sees it: ``("s", k)``, ``("i", k)`` or
+  ``ad`` holds the arrays as stored (``adapter.Adapter``), its kernel already
+  behind ``stop_gradient``, and ``split`` their layout. ``axes`` labels each axis
+  of the kernel as the program currently sees it: ``("s", k)``, ``("i", k)`` or
   ``("o", k)`` for the k-th stack, input or output axis. ``dtype`` is the dtype
-  the program has cast it to.
+  the program has cast it to. Stack axes lead every array of ``ad``, so the k-th
+  stack axis is axis k of each.
   """
-  ad: tree_lib.Adapter
+  ad: Adapter
+  split: Split
   axes: tuple
   dtype: Any
 
@@ -66,13 +74,37 @@ class _Kernel(NamedTuple):
     return [("s", j) for j in range(self.ad.n_stack)]
 
   @property
-  def canonical(self):
-    return (tuple(self.stack_labels) + tuple(("i", k) for k in range(self.ad.n_in))
-            + tuple(("o", k) for k in range(self.ad.n_out)))
+  def in_labels(self) -> list:
+    return [("i", j) for j in range(self.ad.n_in)]
 
-  def _to_current(self, canonical_array):
-    perm = [self.canonical.index(lab) for lab in self.axes]
-    return jnp.transpose(canonical_array, perm).astype(self.dtype)
+  @property
+  def out_labels(self) -> list:
+    return [("o", j) for j in range(self.ad.n_out)]
+
+  @property
+  def stored(self) -> list:
+    """The labels of the kernel's axes as stored."""
+    body = (self.out_labels + self.in_labels if self.split.out_first
+            else self.in_labels + self.out_labels)
+    return self.stack_labels + body
+
+  @property
+  def a_labels(self) -> list:
+    return self.stack_labels + (["r"] + self.in_labels if self.split.out_first
+                                else self.in_labels + ["r"])
+
+  @property
+  def b_labels(self) -> list:
+    return self.stack_labels + (self.out_labels + ["r"] if self.split.out_first
+                                else ["r"] + self.out_labels)
+
+  @property
+  def rank(self) -> int:
+    return np.shape(self.ad.a)[self.ad.n_stack if self.split.out_first else -1]
+
+  def _to_current(self, stored_array):
+    perm = [self.stored.index(lab) for lab in self.axes]
+    return jnp.transpose(stored_array, perm).astype(self.dtype)
 
   def base(self):
     """The frozen kernel as the program sees it (no adapter)."""
@@ -83,35 +115,26 @@ class _Kernel(NamedTuple):
     return self._to_current(merge_lib.merged_kernel(self.ad))
 
   def factor_dora(self):
-    """``m / ||W + s·A·B||`` with the norm detached (DoRA paper, Sec. 4.3): ``S + O``."""
+    """``m / ‖W + s·A·B‖`` with the norm detached (DoRA paper, Sec. 4.3): ``S + O``."""
     v = self.ad.kernel.astype(merge_lib.wide(self.ad)) + merge_lib.delta(self.ad)
     return merge_lib.dora_factor(self.ad, v)
 
-
-class _Ctx:
-  """Per-call state: the dropout key stream and where fallbacks were reported."""
-
-  def __init__(self, rng, reported: set, on_fallback: str):
-    self.rng, self.count = rng, 0
-    self.reported, self.on_fallback = reported, on_fallback
-
-  def next_key(self):
-    self.count += 1
-    return jax.random.fold_in(self.rng, self.count)
-
-  def fallback(self, k: _Kernel, why: str):
-    msg = (f"jlora.lora: kernel {k.ad.path!r} reaches {why}, which has no factored"
-           " rule; using the merged kernel W + s·A·B there (exact, but it costs a"
-           " full weight gradient).")
-    if self.on_fallback == "error":
-      raise NotImplementedError(msg)
-    if self.on_fallback == "warn" and (k.ad.path, why) not in self.reported:
-      self.reported.add((k.ad.path, why))
-      warnings.warn(msg, LoraFallbackWarning, stacklevel=4)
-    return k.merged()
+  def map_arrays(self, fn, **replace):
+    """Apply ``fn`` to every array of the adapter (all lead with the stack axes)."""
+    arrays = {f: None if getattr(self.ad, f) is None else fn(getattr(self.ad, f))
+              for f in _ARRAYS}
+    return self._replace(ad=self.ad._replace(**arrays), **replace)
 
 
-def lora(fn, *, mode: str = "factored", on_fallback: str = "warn"):
+def _entering(ad: Adapter) -> _Kernel:
+  frozen = ad._replace(kernel=jax.lax.stop_gradient(ad.kernel),
+                       scale=jax.lax.stop_gradient(ad.scale))
+  k = _Kernel(frozen, ad.split, (), ad.kernel.dtype)
+  return k._replace(axes=tuple(k.stored))
+
+
+def lora(fn, *, mode: str = "factored", on_fallback: str = "warn",
+         unroll_max_rank: int | None = None):
   """Wrap ``fn(params, *args, **kw)``, written for base params, to run with adapters.
 
   Args:
@@ -121,43 +144,64 @@ def lora(fn, *, mode: str = "factored", on_fallback: str = "warn"):
       weight gradient for ``W``) or ``"merged"`` (``fn(jlora.merge(params))``: for
       inference, and the reference the factored mode is tested against).
     on_fallback: what to do when a kernel reaches an op with no factored rule:
-      ``"warn"`` once per path (default), ``"error"``, or ``"ignore"``.
+      ``"warn"`` once per path and reason (default), ``"error"``, or ``"ignore"``.
+    unroll_max_rank: the K=r products of adapters up to this rank are written
+      as multiply-adds that XLA fuses into neighbouring work; above it, a
+      plain-matrix product runs as one ``branch.lora_matmul``. ``None`` means
+      ``branch.default_unroll_max_rank`` of the default backend.
 
   Returns:
     ``wrapped(params, *args, lora_rng=None, **kw)``. ``params`` may hold adapter
     leaves. ``lora_rng`` turns on the adapters' input dropout (the rate stored in
     ``lora_dropout``); without it dropout is off. Its output equals
     ``fn(jlora.merge(params), *args, **kw)`` to float tolerance, under ``jit``,
-    ``grad``, ``vmap``, ``scan`` and ``remat``. The matmul branch is a
-    ``custom_vjp`` (``jlora.branch``), so forward-mode derivatives (``jax.jvp``,
-    ``jacfwd``) need ``mode="merged"``.
+    ``grad``, ``vmap``, ``scan`` and ``remat``. ``fn`` is traced once per
+    signature (tree structure, shapes and dtypes of the arrays, and the values
+    of the other leaves); like ``jax.jit``, it sees arrays it closes over as
+    they were at that trace. The matmul branch is a ``custom_vjp``
+    (``jlora.branch``), so forward-mode derivatives (``jax.jvp``, ``jacfwd``)
+    need ``mode="merged"``.
   """
   if mode not in ("factored", "merged"):
     raise ValueError(f"mode must be 'factored' or 'merged'; got {mode!r}.")
   if on_fallback not in ("warn", "error", "ignore"):
     raise ValueError(f"on_fallback must be 'warn', 'error' or 'ignore'; got {on_fallback!r}.")
+  if unroll_max_rank is not None and (isinstance(unroll_max_rank, bool)
+                                      or not isinstance(unroll_max_rank, int)):
+    raise ValueError(f"unroll_max_rank must be an int or None; got {unroll_max_rank!r}.")
   reported: set = set()
+  cache: dict = {}
+
+  def traced_for(base, args, kwargs) -> tracing.Traced:
+    key = tracing.signature(base, args, kwargs)
+    if key is None:
+      return tracing.trace(fn, base, args, kwargs)
+    if key not in cache:
+      if len(cache) >= _CACHE_SIZE:
+        cache.pop(next(iter(cache)))
+      cache[key] = tracing.trace(fn, base, args, kwargs)
+    return cache[key]
 
   @functools.wraps(fn)
   def wrapped(params, *args, lora_rng=None, **kwargs):
     flat = tree_lib.flatten(params)
-    ads = list(tree_lib.iter_adapters(flat))
-    if mode == "merged" or not ads:
+    found = adapter_lib.find(flat)
+    if mode == "merged" or not found:
       return fn(merge_lib.merge(params), *args, **kwargs)
-    base = tree_lib.unflatten(
-        {p: v for p, v in flat.items() if not tree_lib.is_adapter_path(p)}, params)
-    traced = tracing.trace(fn, base, args, kwargs)
+    owned = {p for roles in found.values() for p in roles.values()}
+    base = tree_lib.unflatten({p: v for p, v in flat.items() if p not in owned}, params)
+    traced = traced_for(base, args, kwargs)
+    # The traced inputs are the arrays of this call (a cached trace holds an old call's).
+    inputs = tracing.trace_inputs(base, args, kwargs)
     jaxpr = traced.closed.jaxpr
-    env = dict(zip(jaxpr.constvars, traced.closed.consts))
-    env.update(zip(jaxpr.invars, traced.inputs))
-    for ad in ads:
-      frozen = ad._replace(kernel=jax.lax.stop_gradient(ad.kernel),
-                           scale=jax.lax.stop_gradient(ad.scale))
-      k = _Kernel(frozen, None, ad.kernel.dtype)
-      env[jaxpr.invars[traced.param_index[ad.path]]] = k._replace(axes=k.canonical)
-    ctx = _Ctx(lora_rng, reported, on_fallback)
-    outs = _eval(jaxpr, env, ctx)
-    return jax.tree_util.tree_unflatten(traced.out_tree, [_plain(o, ctx, "the output") for o in outs])
+    for kp, roles in found.items():
+      inputs[traced.param_index[kp]] = _entering(adapter_lib.read(flat, kp, roles))
+    rank_limit = (default_unroll_max_rank(jax.default_backend()) if unroll_max_rank is None
+                  else unroll_max_rank)
+    walker = _Factored(lora_rng, reported, on_fallback, rank_limit)
+    outs = walker.run(jaxpr, traced.closed.consts, inputs)
+    return jax.tree_util.tree_unflatten(traced.out_tree,
+                                        [walker.plain(o, "the output") for o in outs])
 
   return wrapped
 
@@ -166,62 +210,195 @@ def lora(fn, *, mode: str = "factored", on_fallback: str = "warn"):
 # The interpreter.
 
 
-def _plain(x, ctx: _Ctx, why: str):
-  return ctx.fallback(x, why) if isinstance(x, _Kernel) else x
+class _Factored(walk.Walker):
+  """Evaluates a jaxpr with ``_Kernel``s factored (see the module docstring)."""
 
+  def __init__(self, rng, reported: set, on_fallback: str, unroll_max_rank: int):
+    self.rng, self.count = rng, 0
+    self.reported, self.on_fallback = reported, on_fallback
+    self.unroll_max_rank = unroll_max_rank
 
-def _eval(jaxpr, env: dict, ctx: _Ctx) -> list:
-  """Evaluate ``jaxpr`` with ``env`` holding its inputs (arrays or ``_Kernel``s)."""
-  def read(v):
-    return v.val if isinstance(v, Literal) else env[v]
+  def with_rng(self, rng) -> "_Factored":
+    """The same walker with its own dropout key stream (inside a scan or remat body)."""
+    return _Factored(rng, self.reported, self.on_fallback, self.unroll_max_rank)
 
-  for eqn in jaxpr.eqns:
-    ins = [read(v) for v in eqn.invars]
-    if any(isinstance(x, _Kernel) for x in ins):
-      outs = _rule(eqn, ins, ctx)
-    else:
-      outs = _bind(eqn, ins)
-    for v, o in zip(eqn.outvars, outs):
-      env[v] = o
-  return [read(v) for v in jaxpr.outvars]
+  def next_key(self):
+    self.count += 1
+    return jax.random.fold_in(self.rng, self.count)
 
+  def tracked(self, x):
+    return isinstance(x, _Kernel)
 
-def _bind(eqn, ins) -> list:
-  """Apply an equation as it stands. ``get_bind_params`` returned ``(subfuns,
-  params)`` before jax 0.7 and ``params`` since; both are accepted."""
-  bound = eqn.primitive.get_bind_params(eqn.params)
-  subfuns, params = bound if isinstance(bound, tuple) else ((), bound)
-  ctx = getattr(getattr(eqn, "ctx", None), "manager", None)
-  with ctx if ctx is not None else contextlib.nullcontext():
-    out = eqn.primitive.bind(*subfuns, *ins, **params)
-  return list(out) if eqn.primitive.multiple_results else [out]
+  def untracked(self, eqn, ins):
+    return walk.bind(eqn, ins)
 
+  def fallback(self, k: _Kernel, why: str):
+    msg = (f"jlora.lora: kernel {k.ad.name!r} reaches {why}, which has no factored"
+           " rule; using the merged kernel W + s·A·B there (exact, but it costs a"
+           " full weight gradient).")
+    if self.on_fallback == "error":
+      raise NotImplementedError(msg)
+    if self.on_fallback == "warn" and (k.ad.path, why) not in self.reported:
+      self.reported.add((k.ad.path, why))
+      warnings.warn(msg, LoraFallbackWarning, stacklevel=4)
+    return k.merged()
 
-def _rule(eqn, ins, ctx: _Ctx) -> list:
-  name = eqn.primitive.name
-  k = ins[0]
-  if name == "transpose" and isinstance(k, _Kernel):
+  def plain(self, x, why: str):
+    return self.fallback(x, why) if isinstance(x, _Kernel) else x
+
+  def other(self, eqn, ins, why: str | None = None):
+    why = why or f"`{eqn.primitive.name}`"
+    return walk.bind(eqn, [self.plain(x, why) for x in ins])
+
+  # -- relabelling -------------------------------------------------------------
+
+  def transpose(self, eqn, ins):
+    k = ins[0]
     return [k._replace(axes=tuple(k.axes[i] for i in eqn.params["permutation"]))]
-  if name in _PASS_THROUGH and isinstance(k, _Kernel):
+
+  def cast(self, eqn, ins):
+    k = ins[0]
     return [k._replace(dtype=jnp.dtype(eqn.params.get("new_dtype", k.dtype)))]
-  if name == "dot_general":
-    out = _dot_general(eqn, ins, ctx)
-  elif name == "conv_general_dilated" and not isinstance(ins[0], _Kernel):
-    out = _conv(eqn, ins, ctx)
-  elif name == "gather" and isinstance(k, _Kernel):
-    out = _gather(eqn, ins, ctx)
-  elif name in _INLINE:
-    jaxpr, consts = tracing.sub_jaxpr(eqn)
-    return _eval(jaxpr, {**dict(zip(jaxpr.constvars, consts)), **dict(zip(jaxpr.invars, ins))}, ctx)
-  elif name in _REMAT:
-    return _remat(eqn, ins, ctx)
-  elif name == "scan":
-    return _scan(eqn, ins, ctx)
-  else:
-    out = None
-  if out is not None:
+
+  def slice(self, eqn, ins):
+    """``W[i:j]`` or ``W[i]`` along stack axes: the same slice of every array."""
+    k = ins[0]
+    if not isinstance(k, _Kernel) or any(isinstance(x, _Kernel) for x in ins[1:]):
+      return self.other(eqn, ins)
+    shape = [np.shape(k.ad.kernel)[k.stored.index(lab)] for lab in k.axes]
+    if eqn.primitive.name == "slice":
+      p = eqn.params
+      if any(s not in (None, 1) for s in (p["strides"] or ())):
+        return self.other(eqn, ins, "a strided slice")
+      starts, sizes = p["start_indices"], [b - a for a, b in zip(p["start_indices"],
+                                                                 p["limit_indices"])]
+    else:
+      starts, sizes = ins[1:], eqn.params["slice_sizes"]
+    cuts = {}
+    for lab, start, size, dim in zip(k.axes, starts, sizes, shape):
+      if size == dim:
+        continue
+      if lab[0] != "s":
+        return self.other(eqn, ins, "a slice of its input or output axes")
+      cuts[lab[1]] = (start, size)
+    out = k
+    for j, (start, size) in cuts.items():
+      out = out.map_arrays(lambda arr, j=j, start=start, size=size:
+                           jax.lax.dynamic_slice_in_dim(arr, start, size, axis=j))
     return [out]
-  return _bind(eqn, [_plain(x, ctx, f"`{name}`") for x in ins])
+
+  def squeeze(self, eqn, ins):
+    """Dropping picked stack axes (``W[i]``): drop them from every array."""
+    k, dims = ins[0], eqn.params["dimensions"]
+    gone = [k.axes[i][1] for i in dims if k.axes[i][0] == "s"]
+    if len(gone) != len(dims):
+      return self.other(eqn, ins, "a squeeze of its input or output axes")
+    out = k.map_arrays(lambda arr: jnp.squeeze(arr, axis=tuple(gone)))
+    relabel = lambda lab: ("s", lab[1] - sum(g < lab[1] for g in gone)) if lab[0] == "s" else lab
+    return [out._replace(axes=tuple(relabel(lab) for i, lab in enumerate(k.axes) if i not in dims),
+                         split=out.split._replace(n_stack=out.split.n_stack - len(gone)))]
+
+  def barrier(self, eqn, ins):
+    flat, unpack = _pack(ins)
+    return unpack(list(jax.lax.optimization_barrier(tuple(flat))))
+
+  # -- weight uses -------------------------------------------------------------
+
+  def dot(self, eqn, ins):
+    return _or_fallback(self, eqn, ins, _dot_general(eqn, ins, self))
+
+  def conv(self, eqn, ins):
+    out = None if isinstance(ins[0], _Kernel) else _conv(eqn, ins, self)
+    return _or_fallback(self, eqn, ins, out)
+
+  def gather(self, eqn, ins):
+    out = _gather(eqn, ins, self) if isinstance(ins[0], _Kernel) else None
+    return _or_fallback(self, eqn, ins, out)
+
+  def custom(self, eqn, ins):
+    return self.other(eqn, ins, f"`{eqn.primitive.name}` (a custom derivative rule, kept as"
+                      " written)")
+
+  # -- bodies: kernels cross into them as their arrays -------------------------
+
+  def remat(self, eqn, ins):
+    jaxpr, consts = walk.sub_jaxpr(eqn)
+    flat, unpack = _pack(ins)
+    has_rng = self.rng is not None
+
+    def body(rng, *arrays):
+      inner = self.with_rng(rng) if has_rng else self
+      outs = inner.run(jaxpr, consts, unpack(list(arrays)))
+      return [inner.plain(o, "the output of a remat block") for o in outs]
+
+    rng = self.next_key() if has_rng else None
+    return jax.checkpoint(body, prevent_cse=eqn.params.get("prevent_cse", True),
+                          policy=eqn.params.get("policy"))(rng, *flat)
+
+  def scan(self, eqn, ins):
+    p = eqn.params
+    closed = p["jaxpr"]
+    nc, ncar = p["num_consts"], p["num_carry"]
+    consts, carry, xs = ins[:nc], ins[nc:nc + ncar], ins[nc + ncar:]
+    carry = [self.plain(c, "a scan carry") for c in carry]
+    sliced = []
+    for x in xs:
+      if isinstance(x, _Kernel):
+        x = _stack_major(x) or self.plain(
+            x, "a scan over one of its input or output axes (if it is a stack of layers,"
+            " pass `fn=`/`args=` to jlora.init, or set `stack_axes`, so the adapter gets"
+            " one factor per layer)")
+      sliced.append(x)
+    c_flat, c_unpack = _pack(consts)
+    x_flat, x_unpack = _pack(sliced)
+    has_rng = self.rng is not None
+
+    def body(state, x_arrays):
+      carry_vals, rng = state
+      sub = None
+      if has_rng:
+        rng, sub = jax.random.split(rng)
+      inner = self.with_rng(sub) if has_rng else self
+      xs_in = [_unstack(x) if isinstance(x, _Kernel) else x for x in x_unpack(list(x_arrays))]
+      outs = inner.run(closed.jaxpr, closed.consts, c_unpack(c_flat) + list(carry_vals) + xs_in)
+      outs = [inner.plain(o, "a scan output") for o in outs]
+      return (outs[:ncar], rng), outs[ncar:]
+
+    rng0 = self.next_key() if has_rng else None
+    (carry_out, _), ys = jax.lax.scan(body, (carry, rng0), x_flat, length=p["length"],
+                                      reverse=p["reverse"], unroll=p["unroll"])
+    return list(carry_out) + list(ys)
+
+  def cond(self, eqn, ins):
+    index = self.plain(ins[0], "a cond predicate")
+    flat, unpack = _pack(ins[1:])
+
+    def branch(closed):
+      def run(*arrays):
+        outs = self.run(closed.jaxpr, closed.consts, unpack(list(arrays)))
+        return [self.plain(o, "a cond output") for o in outs]
+      return run
+    return list(jax.lax.switch(index, [branch(b) for b in eqn.params["branches"]], *flat))
+
+  def while_loop(self, eqn, ins):
+    p = eqn.params
+    nc, nb = p["cond_nconsts"], p["body_nconsts"]
+    c_consts = [self.plain(x, "a while condition") for x in ins[:nc]]
+    init = [self.plain(x, "a while carry") for x in ins[nc + nb:]]
+    b_flat, b_unpack = _pack(ins[nc:nc + nb])
+    cond, body = p["cond_jaxpr"], p["body_jaxpr"]
+
+    def cond_fun(carry):
+      return self.run(cond.jaxpr, cond.consts, c_consts + list(carry))[0]
+
+    def body_fun(carry):
+      outs = self.run(body.jaxpr, body.consts, b_unpack(b_flat) + list(carry))
+      return [self.plain(o, "a while carry") for o in outs]
+    return list(jax.lax.while_loop(cond_fun, body_fun, init))
+
+
+def _or_fallback(walker: _Factored, eqn, ins, out) -> list:
+  return [out] if out is not None else walker.other(eqn, ins)
 
 
 # ---------------------------------------------------------------------------
@@ -229,26 +406,18 @@ def _rule(eqn, ins, ctx: _Ctx) -> list:
 # op to the merged fallback.
 
 
-def _lora_input(x, k: _Kernel, ctx: _Ctx):
+def _lora_input(x, k: _Kernel, walker: _Factored):
   """The input of the adapter branch: ``x``, or ``dropout(x)`` when an rng is given."""
-  if ctx.rng is None or k.ad.dropout is None:
+  if walker.rng is None or k.ad.dropout is None:
     return x
   rate = k.ad.dropout
   if jnp.ndim(rate) != 0:
     return None  # a per-layer rate inside a batched (vmapped) use: no rule
-  keep = jax.random.bernoulli(ctx.next_key(), 1.0 - rate, jnp.shape(x))
+  keep = jax.random.bernoulli(walker.next_key(), 1.0 - rate, jnp.shape(x))
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)
 
 
-def _labels_a(k: _Kernel):
-  return k.stack_labels + [("i", j) for j in range(k.ad.n_in)] + ["r"]
-
-
-def _labels_b(k: _Kernel):
-  return k.stack_labels + ["r"] + [("o", j) for j in range(k.ad.n_out)]
-
-
-def _dot_general(eqn, ins, ctx: _Ctx):
+def _dot_general(eqn, ins, walker: _Factored):
   """``x·W`` (W on either side) contracting only W's inputs, or only its outputs."""
   (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
   kernel_left = isinstance(ins[0], _Kernel)
@@ -270,15 +439,15 @@ def _dot_general(eqn, ins, ctx: _Ctx):
     return None  # the branch is (x·A)·B as matrices: every axis of one side contracts
   if k.ad.m is not None and not contract_in:
     return None  # DoRA's column norm runs over the inputs
-  xl = _lora_input(x, k, ctx)
+  xl = _lora_input(x, k, walker)
   if xl is None:
     return None
   kw = {p: eqn.params[p] for p in ("precision", "preferred_element_type") if p in eqn.params}
   x_labels = [("x", i) for i in range(x.ndim)]
   for i, lab in zip(list(xc) + list(xb), c_labels + b_labels):
     x_labels[i] = lab
-  a = (k.ad.a.astype(k.dtype), _labels_a(k))
-  b = (k.ad.b.astype(k.dtype), _labels_b(k))
+  a = (k.ad.a.astype(k.dtype), k.a_labels)
+  b = (k.ad.b.astype(k.dtype), k.b_labels)
   (p, p_labels), (q, q_labels) = (a, b) if contract_in else (b, a)
   # Lay the branch out as matrices (one per stacked layer): x (L?, T, C),
   # p (L?, C, r), q (L?, r, N). For Dense and attention layouts these are bitcasts.
@@ -290,13 +459,14 @@ def _dot_general(eqn, ins, ctx: _Ctx):
       jnp.transpose(arr, [labels.index(lab) for lab in order]), lead + list(shape))
   prod = lambda labs: math.prod(sizes[lab] for lab in labs)
   x2 = flat(xl, x_labels, b_labels + x_free + c_labels, prod(x_free), prod(c_labels))
-  p2 = flat(p, p_labels, b_labels + c_labels + ["r"], prod(c_labels), k.ad.rank)
-  q2 = flat(q, q_labels, b_labels + ["r"] + q_free, k.ad.rank, prod(q_free))
-  stack = k.stack_labels
-  scale = jnp.reshape(_expand(k.ad.scale, stack, b_labels), (-1,)) if b_labels else k.ad.scale
+  p2 = flat(p, p_labels, b_labels + c_labels + ["r"], prod(c_labels), k.rank)
+  q2 = flat(q, q_labels, b_labels + ["r"] + q_free, k.rank, prod(q_free))
+  scale = jnp.reshape(_expand(k.ad.scale, k.stack_labels, b_labels), (-1,)) if b_labels \
+      else k.ad.scale
   k_free = [lab for lab in k.axes if lab not in c_labels and lab not in b_labels]
   target = b_labels + (k_free + x_free if kernel_left else x_free + k_free)
-  if (k.ad.rank > UNROLL_MAX_RANK and not b_labels and xl is x and not kernel_left
+  unroll = k.rank <= walker.unroll_max_rank
+  if (not unroll and not b_labels and xl is x and not kernel_left
       and x_labels == x_free + c_labels and list(k.axes) == c_labels + k_free == c_labels + q_free
       and x.dtype == k.dtype and kw.get("preferred_element_type") in (None, x.dtype)):
     # x·W + s·(x·A)·B as one product of plain matrices (see branch.lora_matmul); every
@@ -305,7 +475,7 @@ def _dot_general(eqn, ins, ctx: _Ctx):
                     kw.get("precision"))
     y = jnp.reshape(y, [sizes[lab] for lab in x_free + k_free])
     return y if k.ad.m is None else y * _dora_factor(k, target, y.dtype)
-  u = lora_branch(x2, p2, q2, scale, bool(b_labels), kw.get("precision"))
+  u = lora_branch(x2, p2, q2, scale, bool(b_labels), kw.get("precision"), unroll)
   u = jnp.reshape(u, [sizes[lab] for lab in b_labels + x_free + q_free])
   u_labels = b_labels + x_free + q_free
   y_lora = jnp.transpose(u, [u_labels.index(lab) for lab in target])
@@ -319,8 +489,7 @@ def _dot_general(eqn, ins, ctx: _Ctx):
 
 def _dora_factor(k: _Kernel, labels, dtype):
   """DoRA's ``m / ‖W + sBA‖`` (detached norm) laid out to scale a product with axes ``labels``."""
-  return _expand(k.factor_dora().astype(dtype),
-                 k.stack_labels + [("o", j) for j in range(k.ad.n_out)], labels)
+  return _expand(k.factor_dora().astype(dtype), k.stack_labels + k.out_labels, labels)
 
 
 def _expand(arr, arr_labels, out_labels):
@@ -336,7 +505,8 @@ def _expand(arr, arr_labels, out_labels):
 
 def _a_like_kernel(k: _Kernel):
   """A in the kernel's current axis order, with r in the (single) output slot."""
-  perm = [k.ad.n_in if lab[0] == "o" else lab[1] for lab in k.axes]
+  labels = k.a_labels
+  perm = [labels.index("r" if lab[0] == "o" else lab) for lab in k.axes]
   return jnp.transpose(k.ad.a.astype(k.dtype), perm)
 
 
@@ -344,14 +514,15 @@ def _up_project(k: _Kernel, y, t, c: int):
   """``y + s·(t·B)`` where axis ``c`` of ``t`` holds the rank and of ``y`` the output;
   DoRA rescales both terms along that axis."""
   t = jnp.asarray(k.ad.scale, t.dtype) * t  # scale the r-wide intermediate, the cheaper side
-  y_lora = jnp.moveaxis(jnp.moveaxis(t, c, -1) @ k.ad.b.astype(k.dtype), -1, c)
+  b2 = k.split.b_matrix(k.ad.b).astype(k.dtype)  # (r, out)
+  y_lora = jnp.moveaxis(jnp.moveaxis(t, c, -1) @ b2, -1, c)
   if k.ad.m is not None:
     f = _dora_factor(k, [("o", 0) if i == c else ("y", i) for i in range(y.ndim)], y.dtype)
     y, y_lora = y * f, y_lora * f
   return y + y_lora.astype(y.dtype)
 
 
-def _conv(eqn, ins, ctx: _Ctx):
+def _conv(eqn, ins, walker: _Factored):
   """``conv(x, W) + s·conv(x, A)·B``: a rank-r conv, then a 1x1 map to the outputs."""
   x, k = ins
   p = eqn.params
@@ -359,25 +530,27 @@ def _conv(eqn, ins, ctx: _Ctx):
   if (p["feature_group_count"] != 1 or p["batch_group_count"] != 1 or k.ad.n_stack
       or k.ad.n_out != 1 or k.axes[dn.rhs_spec[0]] != ("o", 0)):
     return None
-  xl = _lora_input(x, k, ctx)
+  xl = _lora_input(x, k, walker)
   if xl is None:
     return None
   conv = functools.partial(jax.lax.conv_general_dilated_p.bind, **p)
   return _up_project(k, conv(x, k.base()), conv(xl, _a_like_kernel(k)), dn.out_spec[1])
 
 
-def _gather(eqn, ins, ctx: _Ctx):
+def _gather(eqn, ins, walker: _Factored):
   """``W[idx] + s·A[idx]·B`` for lookups that take whole rows along the output axis."""
   k, idx = ins
+  if isinstance(idx, _Kernel):
+    return None
   p = eqn.params
   dn = p["dimension_numbers"]
   o_pos = [i for i, lab in enumerate(k.axes) if lab[0] == "o"]
   if (k.ad.n_stack or len(o_pos) != 1 or dn.operand_batching_dims
       or o_pos[0] in dn.collapsed_slice_dims or o_pos[0] in dn.start_index_map
-      or p["slice_sizes"][o_pos[0]] != k.ad.kernel.shape[-1]):
+      or p["slice_sizes"][o_pos[0]] != np.shape(k.ad.kernel)[k.stored.index(("o", 0))]):
     return None
   o = o_pos[0]
-  sizes = tuple(k.ad.rank if i == o else s for i, s in enumerate(p["slice_sizes"]))
+  sizes = tuple(k.rank if i == o else s for i, s in enumerate(p["slice_sizes"]))
   y = jax.lax.gather_p.bind(k.base(), idx, **p)
   t = jax.lax.gather_p.bind(_a_like_kernel(k), idx, **{**p, "slice_sizes": sizes})
   kept = [i for i in range(len(k.axes)) if i not in dn.collapsed_slice_dims]
@@ -385,7 +558,7 @@ def _gather(eqn, ins, ctx: _Ctx):
 
 
 # ---------------------------------------------------------------------------
-# Control flow: kernels cross into ``checkpoint`` and ``scan`` bodies as arrays.
+# Kernels cross into rebuilt bodies (remat, scan, cond, while) as flat arrays.
 
 
 def _pack(ins):
@@ -415,71 +588,20 @@ def _pack(ins):
   return flat, unpack
 
 
-def _remat(eqn, ins, ctx: _Ctx):
-  jaxpr, consts = tracing.sub_jaxpr(eqn)
-  flat, unpack = _pack(ins)
-  has_rng = ctx.rng is not None
-
-  def body(rng, *arrays):
-    inner = _Ctx(rng, ctx.reported, ctx.on_fallback) if has_rng else ctx
-    env = {**dict(zip(jaxpr.constvars, consts)), **dict(zip(jaxpr.invars, unpack(list(arrays))))}
-    return [_plain(o, inner, "the output of a remat block") for o in _eval(jaxpr, env, inner)]
-
-  rng = ctx.next_key() if has_rng else None
-  policy = eqn.params.get("policy")
-  return jax.checkpoint(body, prevent_cse=eqn.params.get("prevent_cse", True),
-                        policy=policy)(rng, *flat)
-
-
-def _scan(eqn, ins, ctx: _Ctx):
-  p = eqn.params
-  closed = p["jaxpr"]
-  nc, ncar = p["num_consts"], p["num_carry"]
-  consts, carry, xs = ins[:nc], ins[nc:nc + ncar], ins[nc + ncar:]
-  carry = [_plain(c, ctx, "a scan carry") for c in carry]
-  sliced = []
-  for x in xs:
-    if isinstance(x, _Kernel):
-      x = _stack_major(x) or _plain(x, ctx, "a scan over a non-stack axis")
-    sliced.append(x)
-  c_flat, c_unpack = _pack(consts)
-  x_flat, x_unpack = _pack(sliced)
-  has_rng = ctx.rng is not None
-  body_jaxpr = closed.jaxpr
-
-  def body(state, x_arrays):
-    carry_vals, rng = state
-    if has_rng:
-      rng, sub = jax.random.split(rng)
-    inner = _Ctx(sub, ctx.reported, ctx.on_fallback) if has_rng else ctx
-    xs_in = [_unstack(x) if isinstance(x, _Kernel) else x for x in x_unpack(list(x_arrays))]
-    env = dict(zip(body_jaxpr.constvars, closed.consts))
-    env.update(zip(body_jaxpr.invars, c_unpack(c_flat) + list(carry_vals) + xs_in))
-    outs = [_plain(o, inner, "a scan output") for o in _eval(body_jaxpr, env, inner)]
-    return (outs[:ncar], rng), outs[ncar:]
-
-  rng0 = ctx.next_key() if has_rng else None
-  (carry_out, _), ys = jax.lax.scan(body, (carry, rng0), x_flat, length=p["length"],
-                                    reverse=p["reverse"], unroll=p["unroll"])
-  return list(carry_out) + list(ys)
-
-
 def _stack_major(k: _Kernel):
   """``k`` with the stack axis that the scan slices moved first in every array, or None."""
   lab = k.axes[0]
   if lab[0] != "s":
     return None
   j = lab[1]
-  move = lambda arr: None if arr is None else jnp.moveaxis(arr, j, 0)
-  ad = k.ad._replace(kernel=move(k.ad.kernel), a=move(k.ad.a), b=move(k.ad.b),
-                     scale=move(k.ad.scale), m=move(k.ad.m), dropout=move(k.ad.dropout))
   relabel = lambda lab: ("s", 0) if lab == ("s", j) else (
       ("s", lab[1] + 1) if lab[0] == "s" and lab[1] < j else lab)
-  return k._replace(ad=ad, axes=tuple(relabel(lab) for lab in k.axes))
+  return k.map_arrays(lambda arr: jnp.moveaxis(arr, j, 0),
+                      axes=tuple(relabel(lab) for lab in k.axes))
 
 
 def _unstack(k: _Kernel):
   """A per-iteration slice of a stack-major kernel: drop the leading stack label."""
   relabel = lambda lab: ("s", lab[1] - 1) if lab[0] == "s" else lab
-  return k._replace(axes=tuple(relabel(lab) for lab in k.axes[1:]))
-
+  return k._replace(axes=tuple(relabel(lab) for lab in k.axes[1:]),
+                    split=k.split._replace(n_stack=k.split.n_stack - 1))

@@ -10,10 +10,11 @@ floor. This ``custom_vjp`` fixes the form of every backward product instead:
 * ``dA = (gbᵀ·x)ᵀ`` and ``dB = s·(tᵀ·g)``: the tokens-by-r operand is always the
   one that gets transposed, and the result is ``(r, big)``.
 
-For small ranks the two products whose inner dimension is r (``t·sB`` forward,
+With ``unroll``, the two products whose inner dimension is r (``t·sB`` forward,
 ``gb·Aᵀ`` backward) are written as r broadcast multiply-adds, which XLA fuses
 into the neighbouring elementwise work instead of running a K=r matmul that
-writes a tokens x out array.
+writes a tokens x out array. ``jlora.lora`` unrolls up to ``unroll_max_rank``
+(``default_unroll_max_rank``: 16 on XLA:CPU, where it was measured).
 
 Above that rank, ``lora_matmul`` computes the whole adapted product
 ``x·W + (x·A)·(s·B)`` instead (plain matrices only). Written as a dot plus a K=r dot,
@@ -37,8 +38,15 @@ import functools
 import jax
 import jax.numpy as jnp
 
-#: Ranks up to this use broadcast multiply-adds for the K=r products.
-UNROLL_MAX_RANK = 16
+
+def default_unroll_max_rank(backend: str) -> int:
+  """The largest rank whose K=r products ``jlora.lora`` unrolls on ``backend``.
+
+  16 on CPU, measured with ``experiments/bench.py`` (rank 8: MLP step 1.18x the
+  floor unrolled against 1.26x as dots). Elsewhere unmeasured, so 0: XLA's own
+  dots, the form its GPU and TPU backends are tuned for.
+  """
+  return 16 if backend == "cpu" else 0
 
 
 def _dot(a, b, ca: int, cb: int, batched: bool, precision):
@@ -47,10 +55,10 @@ def _dot(a, b, ca: int, cb: int, batched: bool, precision):
   return jax.lax.dot_general(a, b, (((ca,), (cb,)), batch), precision=precision)
 
 
-def _times_rank(t, m, m_rank_axis: int, batched: bool, precision):
+def _times_rank(t, m, m_rank_axis: int, batched: bool, precision, unroll: bool):
   """``t (L?, T, r)`` times ``m`` with its rank on ``m_rank_axis``: ``(L?, T, N)``."""
   r = t.shape[-1]
-  if r > UNROLL_MAX_RANK:
+  if not unroll:
     return _dot(t, m, t.ndim - 1, m_rank_axis, batched, precision)
   take = (lambda j: m[..., j, :]) if m_rank_axis == m.ndim - 2 else (lambda j: m[..., :, j])
   out = t[..., 0:1] * take(0)[..., None, :]
@@ -63,8 +71,8 @@ def _scaled(s, m, batched: bool):
   return (s[:, None, None] if batched else s).astype(m.dtype) * m
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def lora_branch(x, a, b, s, batched: bool = False, precision=None):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def lora_branch(x, a, b, s, batched: bool = False, precision=None, unroll: bool = False):
   """``(x·a)·(s·b)``.
 
   Args:
@@ -72,23 +80,24 @@ def lora_branch(x, a, b, s, batched: bool = False, precision=None):
     a: ``(C, r)`` or ``(L, C, r)``.
     b: ``(r, N)`` or ``(L, r, N)``.
     s: the scale, ``()`` or ``(L,)``; a constant (its cotangent is zero).
+    unroll: write the K=r products as r multiply-adds.
 
   Returns:
     ``(T, N)`` or ``(L, T, N)``.
   """
-  return _forward(x, a, b, s, batched, precision)[0]
+  return _forward(x, a, b, s, batched, precision, unroll)[0]
 
 
-def _forward(x, a, b, s, batched, precision):
+def _forward(x, a, b, s, batched, precision, unroll):
   t = _dot(x, a, x.ndim - 1, a.ndim - 2, batched, precision)
-  u = _times_rank(t, _scaled(s, b, batched), b.ndim - 2, batched, precision)
+  u = _times_rank(t, _scaled(s, b, batched), b.ndim - 2, batched, precision, unroll)
   return u, (x, a, b, s, t)
 
 
-def _backward(batched, precision, res, g):
+def _backward(batched, precision, unroll, res, g):
   x, a, b, s, t = res
   gb = _dot(g, _scaled(s, b, batched), g.ndim - 1, b.ndim - 1, batched, precision)
-  dx = _times_rank(gb, a, a.ndim - 1, batched, precision)
+  dx = _times_rank(gb, a, a.ndim - 1, batched, precision, unroll)
   da, db = _factor_grads(x, t, g, gb, s, batched, precision)
   return (dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype), jnp.zeros_like(s))
 
@@ -108,7 +117,7 @@ lora_branch.defvjp(_forward, _backward)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def lora_matmul(x, w, a, b, s, precision=None):
-  """``x·w + (x·a)·(s·b)`` for a rank above ``UNROLL_MAX_RANK``.
+  """``x·w + (x·a)·(s·b)`` for a rank above the unrolled ones.
 
   Args:
     x: ``(T, C)``.

@@ -24,9 +24,9 @@ class LoraConfig:
 
   Attributes:
     rank: the adapter rank ``r >= 1``.
-    alpha: scale numerator. ``None`` means ``alpha = rank`` (scale 1.0). The scale
-      is ``alpha / rank``, or ``alpha / sqrt(rank)`` with ``rslora`` (Kalajdzievski
-      2023, arXiv 2312.03732).
+    alpha: scale numerator: the scale is ``alpha / rank``, or ``alpha / sqrt(rank)``
+      with ``rslora`` (Kalajdzievski 2023, arXiv 2312.03732). ``None`` means scale
+      1.0 for every rank, with or without ``rslora``.
     targets: the kernels to adapt (see ``Selector``).
     exclude: kernels never to adapt, same forms; checked first.
     init: ``"kaiming"`` (A kaiming-uniform with a=sqrt(5), i.e. U(+-1/sqrt(fan_in)),
@@ -42,7 +42,10 @@ class LoraConfig:
     rank_pattern, alpha_pattern: ``{regex: value}`` per-path overrides searched in
       the kernel path; the first match wins.
     in_axes: ``{regex: n}``: the kernel's first ``n`` axes (after any stack axes)
-      are its inputs. Overrides both the default rule and what ``fn`` shows.
+      are its inputs; a negative ``n`` means its *last* ``-n`` axes are, for
+      kernels stored output-first (a torch-style ``(out, in)`` kernel used as
+      ``x @ kernel.T`` has ``in_axes=-1``). Overrides both the default rule and
+      what ``fn`` shows.
     stack_axes: ``{regex: n}``: the kernel's first ``n`` axes index stacked layers
       (``nn.scan``), so each layer gets its own adapter. With ``fn`` given to
       ``jlora.init`` they are found from the model.
@@ -76,7 +79,7 @@ class LoraConfig:
       _check_selector(self.exclude, "exclude")
     for name, check in (("rank_pattern", lambda v, w: _check_rank(v, w)),
                         ("alpha_pattern", _check_positive),
-                        ("in_axes", lambda v, w: _check_rank(v, w)),
+                        ("in_axes", _check_nonzero),
                         ("stack_axes", _check_count)):
       pattern = getattr(self, name)
       if pattern is None:
@@ -98,9 +101,10 @@ class LoraConfig:
         object.__setattr__(self, name, _FrozenMapping(pattern))
 
   def scale(self, rank: int, alpha: float | None) -> float:
-    """``alpha / rank`` (or ``alpha / sqrt(rank)`` with rslora); alpha None -> rank."""
-    alpha = float(rank if alpha is None else alpha)
-    return alpha / (math.sqrt(rank) if self.rslora else rank)
+    """``alpha / rank`` (or ``alpha / sqrt(rank)`` with rslora); 1.0 when alpha is None."""
+    if alpha is None:
+      return 1.0
+    return float(alpha) / (math.sqrt(rank) if self.rslora else rank)
 
 
 class _FrozenMapping(dict):
@@ -108,6 +112,9 @@ class _FrozenMapping(dict):
 
   def __hash__(self):
     return hash(tuple(self.items()))
+
+  def __reduce__(self):  # pickle rebuilds it from a plain dict, not item by item
+    return (_FrozenMapping, (dict(self),))
 
   def _refuse(self, *a, **k):
     raise TypeError("LoraConfig patterns are read-only.")
@@ -117,6 +124,12 @@ class _FrozenMapping(dict):
 def _check_rank(v, what):
   if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
     raise ValueError(f"{what} must be an int >= 1; got {v!r}.")
+
+
+def _check_nonzero(v, what):
+  if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v == 0:
+    raise ValueError(f"{what} must be a nonzero int (n > 0: the first n axes are inputs;"
+                     f" n < 0: the last -n); got {v!r}.")
 
 
 def _check_count(v, what):

@@ -6,7 +6,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jlora import adapter as adapter_lib
 from jlora import tree as tree_lib
+from jlora.optim import trainable_roles
 
 
 class ParamCount(NamedTuple):
@@ -25,8 +27,9 @@ def count_params(params) -> ParamCount:
   """Trainable and total parameter counts of an adapted tree."""
   flat = tree_lib.flatten(params)
   sizes = {p: int(np.size(tree_lib.value(v))) for p, v in flat.items()}
-  trainable = sum(n for p, n in sizes.items() if tree_lib.is_trainable_path(p))
-  base = sum(n for p, n in sizes.items() if not tree_lib.is_adapter_path(p))
+  owned = adapter_lib.adapter_leaf_paths(flat)
+  trainable = sum(sizes[p] for p in trainable_roles(flat))
+  base = sum(n for p, n in sizes.items() if p not in owned)
   return ParamCount(trainable, base + trainable)
 
 
@@ -36,11 +39,11 @@ def summary(params, print_fn=print) -> str:
   Prints it with ``print_fn`` (pass ``None`` to only return it).
   """
   rows = [("path", "kind", "kernel", "lora_a", "lora_b", "rank", "scale", "params")]
-  for ad in tree_lib.adapters(params):
+  for ad in adapter_lib.adapters(params):
     n = int(np.size(ad.a) + np.size(ad.b) + (np.size(ad.m) if ad.m is not None else 0))
     scales = np.unique(np.asarray(ad.scale))
     scale = f"{scales[0]:.4g}" if scales.size == 1 else f"{scales.min():.4g}..{scales.max():.4g}"
-    rows.append((ad.path + (" (dora)" if ad.m is not None else ""), _kind(ad),
+    rows.append((ad.name + (" (dora)" if ad.m is not None else ""), _kind(ad),
                  _shape(ad.kernel), _shape(ad.a), _shape(ad.b),
                  str(ad.rank), scale, f"{n:,}"))
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -58,9 +61,10 @@ def summary(params, print_fn=print) -> str:
 
 def _kind(ad: tree_lib.Adapter) -> str:
   """A label from the layout alone: embed, dense (one in and one out axis) or general."""
-  if tree_lib.split_leaf(ad.path)[1] == "embedding":
+  if ad.path[-1] == "embedding":
     return "embed"
   kind = "dense" if ad.n_in == ad.n_out == 1 else f"general {ad.n_in}->{ad.n_out}"
+  kind += " (out, in)" if ad.out_first else ""
   return kind + (f" x{ad.n_stack} stacked" if ad.n_stack else "")
 
 
@@ -71,6 +75,6 @@ def _shape(x) -> str:
 def adapter_bytes(params) -> int:
   """Bytes of the adapter leaves (what ``partition(params)[0]`` saves)."""
   flat = tree_lib.flatten(params)
-  return sum(int(np.size(tree_lib.value(v))) * np.dtype(tree_lib.value(v).dtype).itemsize
-             for p, v in flat.items() if tree_lib.is_adapter_path(p))
+  return sum(int(np.size(tree_lib.value(flat[p]))) * np.dtype(tree_lib.value(flat[p]).dtype).itemsize
+             for p in adapter_lib.adapter_leaf_paths(flat))
 

@@ -29,14 +29,42 @@ def _is_dynamic(x) -> bool:
       hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, type))
 
 
+def _split_leaves(params, args, kwargs):
+  flat, treedef = jax.tree_util.tree_flatten_with_path(
+      (params, tuple(args), dict(kwargs or {})))
+  leaves = [x for _, x in flat]
+  dynamic = [i for i, x in enumerate(leaves) if _is_dynamic(x)]
+  return flat, leaves, treedef, dynamic
+
+
+def signature(params, args=(), kwargs=None):
+  """A hashable key for ``trace``'s result, or None when a static leaf is unhashable.
+
+  Two calls with the same key trace to the same jaxpr: the same tree structure,
+  the same shape and dtype of every array leaf, and equal static leaves.
+  """
+  _, leaves, treedef, dynamic = _split_leaves(params, args, kwargs)
+  dyn = set(dynamic)
+  key = (treedef, tuple((np.shape(leaves[i]), str(leaves[i].dtype)) if i in dyn
+                        else ("static", leaves[i]) for i in range(len(leaves))))
+  try:
+    hash(key)
+  except TypeError:
+    return None
+  return key
+
+
+def trace_inputs(params, args=(), kwargs=None) -> list:
+  """The dynamic leaves of a call, in the order of ``trace``'s jaxpr inputs."""
+  _, leaves, _, dynamic = _split_leaves(params, args, kwargs)
+  return [leaves[i] for i in dynamic]
+
+
 def trace(fn, params, args=(), kwargs=None) -> Traced:
   """``fn(params, *args, **kwargs)`` as a jaxpr over its array leaves."""
   kwargs = kwargs or {}
-  leaves, treedef = jax.tree_util.tree_flatten((params, tuple(args), dict(kwargs)))
-  dynamic = [i for i, x in enumerate(leaves) if _is_dynamic(x)]
+  flat, leaves, treedef, dynamic = _split_leaves(params, args, kwargs)
   n_param_leaves = len(jax.tree_util.tree_leaves(params))
-  param_paths = [tree_lib.keypath_str(kp)
-                 for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
   def flat_fn(*dyn):
     full = list(leaves)
@@ -47,21 +75,8 @@ def trace(fn, params, args=(), kwargs=None) -> Traced:
 
   avals = [jax.ShapeDtypeStruct(np.shape(leaves[i]), leaves[i].dtype) for i in dynamic]
   closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*avals)
-  param_index = {param_paths[i]: k for k, i in enumerate(dynamic) if i < n_param_leaves}
+  # A params leaf's path drops the leading SequenceKey(0) of the (params, args, kw) tuple.
+  param_index = {tree_lib.keypath(flat[i][0][1:]): k
+                 for k, i in enumerate(dynamic) if i < n_param_leaves}
   return Traced(closed, [leaves[i] for i in dynamic], param_index,
                 jax.tree_util.tree_structure(out_shape))
-
-
-def sub_jaxpr(eqn):
-  """The jaxpr a call-like equation runs on its own inputs, or None.
-
-  Covers ``jit``, ``closed_call``, ``remat``/``checkpoint``, ``custom_jvp_call``
-  and ``custom_vjp_call``: the one jaxpr-valued parameter whose arity matches
-  the equation's. Returns ``(jaxpr, consts)``.
-  """
-  for v in eqn.params.values():
-    jaxpr, consts = (v.jaxpr, v.consts) if hasattr(v, "consts") else (v, ())
-    if hasattr(jaxpr, "eqns") and hasattr(jaxpr, "invars") and (
-        len(jaxpr.invars) == len(eqn.invars) and len(jaxpr.outvars) == len(eqn.outvars)):
-      return jaxpr, consts
-  return None

@@ -1,14 +1,15 @@
 """``jlora.init``: add adapter leaves next to the targeted kernels.
 
-For a kernel of shape ``S + I + O`` (stack, input and output axes; see
-``targets.Split``) with rank ``r`` and scale ``s``, ``init`` adds
+For a kernel with stack, input and output shapes ``S``, ``I``, ``O`` (see
+``adapter.Split``), rank ``r`` and scale ``s``, ``init`` adds
 
-* ``lora_a``: ``S + I + (r,)``, ``lora_b``: ``S + (r,) + O``;
+* ``lora_a``: ``S + I + (r,)`` and ``lora_b``: ``S + (r,) + O`` (output-first
+  kernels: ``S + (r,) + I`` and ``S + O + (r,)``);
 * ``lora_scale``: ``S``, float32, the constant ``s``;
-* ``lora_m``: ``S + O`` with DoRA, the column norm ``||W||`` over the input axes;
-* ``lora_dropout``: ``S``, float32, the rate, when the config asks for dropout.
+* ``lora_m``: ``S + O`` with DoRA, the column norm ``‖W‖`` over the input axes;
+* ``lora_dropout``: ``S``, float32, the rate, when the config asks for dropout;
 
-so that ``delta = s * tensordot(lora_a, lora_b, axes=1)`` per stacked layer.
+so that ``delta = s · A₂ @ B₂`` on the canonical matrices, per stacked layer.
 """
 
 from __future__ import annotations
@@ -19,20 +20,24 @@ import zlib
 import jax
 import jax.numpy as jnp
 
+from jlora import adapter as adapter_lib
 from jlora import split as split_lib
 from jlora import targets as targets_lib
 from jlora import tree as tree_lib
 from jlora.config import LoraConfig
+from jlora.merge import column_norm
+from jlora.sharding import placed_like
 
 
 def init(key, params, cfg: LoraConfig, *, fn=None, args=(), kwargs=None):
   """Returns ``params`` with adapter leaves beside every targeted kernel.
 
   Args:
-    key: a ``jax.random`` key. Each kernel draws from ``fold_in(key, crc32(path))``,
-      so changing one layer's rank or the target set leaves other adapters as they were.
-    params: a linen variables dict, an ``nnx.State`` or a nested dict of arrays.
-      It is not modified.
+    key: a ``jax.random`` key. Each kernel draws from ``fold_in(key, crc32(name))``
+      (``name`` its ``/``-joined path), so changing one layer's rank or the target
+      set leaves other adapters as they were.
+    params: a linen variables dict, an ``nnx.State`` or a nested dict (lists and
+      tuples too) of arrays. It is not modified.
     cfg: the ``LoraConfig``.
     fn, args, kwargs: optionally the function you will wrap with ``jlora.lora``
       and example inputs; the kernels' in/out splits are then read from it
@@ -40,13 +45,14 @@ def init(key, params, cfg: LoraConfig, *, fn=None, args=(), kwargs=None):
 
   Returns:
     A new tree. With ``init="pissa"`` or ``"olora"`` the targeted kernels hold the
-    residual ``W - s * A @ B``, so the returned tree (not the old base) is the one
+    residual ``W - s · A @ B``, so the returned tree (not the old base) is the one
     to train, save and merge; ``merge`` of it gives back ``W`` up to rounding.
 
   Raises:
     ValueError: no kernel matched (the message lists candidates), a rank outside
-      ``[1, min(in, out)]``, a pattern key that matches no target, adapter leaves
-      already present, or a grouped convolution.
+      ``[1, min(in, out)]``, a pattern key that matches no target, adapters
+      already present, a kernel whose use fits no adapter layout, or a grouped
+      convolution.
     TypeError: a non-float kernel.
   """
   flat = tree_lib.flatten(params)
@@ -56,49 +62,49 @@ def init(key, params, cfg: LoraConfig, *, fn=None, args=(), kwargs=None):
   targets = targets_lib.select(flat, cfg, found)
   out = dict(flat)
   for t in targets:
-    k = jax.random.fold_in(key, zlib.crc32(t.path.encode()))
+    k = jax.random.fold_in(key, zlib.crc32(t.name.encode()))
     leaf = flat[t.path]
     w = tree_lib.value(leaf)
     kernel, leaves = _init_one(k, w, t, cfg)
-    leaves = tree_lib.placed_like(w, leaves)
+    leaves = placed_like(w, leaves)
     out[t.path] = tree_lib.rewrap(leaf, kernel)
-    head, name = tree_lib.split_leaf(t.path)
+    roles = adapter_lib.role_paths(t.path)
     for role, arr in leaves.items():
-      out[tree_lib.join(head, tree_lib.adapter_name(name, role))] = tree_lib.new_leaf(leaf, arr, role)
+      out[roles[role]] = adapter_lib.new_leaf(leaf, arr, role)
   return tree_lib.unflatten(out, params)
 
 
 def _init_one(key, w, t: targets_lib.Target, cfg: LoraConfig):
   """The (possibly residual) kernel and the adapter leaves of one target."""
-  stack, ins, outs = t.stack_shape, t.in_shape, t.out_shape
+  split, shape = t.split, t.shape
+  stack, ins, outs = split.shapes(shape)
   r, s = t.rank, t.scale
   dtype = jnp.dtype(cfg.dtype) if cfg.dtype is not None else w.dtype
   fan_in, fan_out = math.prod(ins), math.prod(outs)
   ka, kb = jax.random.split(key)
   if cfg.init in ("pissa", "olora"):
-    a2, b2 = _from_weight(cfg.init, w.astype(jnp.float32).reshape(stack + (fan_in, fan_out)), r, s)
-    a = a2.reshape(stack + ins + (r,))
-    b = b2.reshape(stack + (r,) + outs)
-    w = (w.astype(jnp.float32) - s * (a2 @ b2).reshape(w.shape)).astype(w.dtype)
+    w2 = split.kernel_matrix(w.astype(jnp.float32))
+    a2, b2 = _from_weight(cfg.init, w2, r, s)
+    w = split.kernel_from_matrix(w2 - s * (a2 @ b2), shape).astype(w.dtype)
   elif t.kind == "embed":  # PEFT/loralib: A = 0, B ~ N(0, 1) for embeddings
-    a = jnp.zeros(stack + ins + (r,), jnp.float32)
-    b = jax.random.normal(kb, stack + (r,) + outs, jnp.float32)
+    a2 = jnp.zeros(stack + (fan_in, r), jnp.float32)
+    b2 = jax.random.normal(kb, stack + (r, fan_out), jnp.float32)
   elif cfg.init == "kaiming":  # kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in))
     bound = 1.0 / math.sqrt(fan_in)
-    a = jax.random.uniform(ka, stack + ins + (r,), jnp.float32, -bound, bound)
-    b = jnp.zeros(stack + (r,) + outs, jnp.float32)
+    a2 = jax.random.uniform(ka, stack + (fan_in, r), jnp.float32, -bound, bound)
+    b2 = jnp.zeros(stack + (r, fan_out), jnp.float32)
   else:  # gaussian: std 1/r, as PEFT
-    a = jax.random.normal(ka, stack + ins + (r,), jnp.float32) / r
-    b = jnp.zeros(stack + (r,) + outs, jnp.float32)
-  leaves = {"lora_a": a.astype(dtype), "lora_b": b.astype(dtype),
+    a2 = jax.random.normal(ka, stack + (fan_in, r), jnp.float32) / r
+    b2 = jnp.zeros(stack + (r, fan_out), jnp.float32)
+  leaves = {"lora_a": split.a_from_matrix(a2, shape).astype(dtype),
+            "lora_b": split.b_from_matrix(b2, shape).astype(dtype),
             "lora_scale": jnp.full(stack, s, jnp.float32)}
   if cfg.dora:
-    # m starts at ||W + s*A@B|| over the inputs, which equals ||W_original||: the
+    # m starts at ||W + s·A@B|| over the inputs, which equals ||W_original||: the
     # merged DoRA kernel then equals W exactly at init.
-    v = w.astype(jnp.float32) + s * jnp.reshape(
-        a.reshape(stack + (fan_in, r)).astype(jnp.float32)
-        @ b.reshape(stack + (r, fan_out)).astype(jnp.float32), w.shape)
-    leaves["lora_m"] = column_norm(v, len(stack), len(ins)).astype(dtype)
+    v = w.astype(jnp.float32) + split.kernel_from_matrix(
+        s * (a2.astype(dtype).astype(jnp.float32) @ b2.astype(dtype).astype(jnp.float32)), shape)
+    leaves["lora_m"] = column_norm(v, split).astype(dtype)
   if cfg.dropout > 0:
     leaves["lora_dropout"] = jnp.full(stack, cfg.dropout, jnp.float32)
   return w, leaves
@@ -117,8 +123,3 @@ def _from_weight(how: str, w2, r: int, s: float):
     return u[..., :, :r] * root[..., None, :], root[..., :, None] * vh[..., :r, :]
   q, rr = jnp.linalg.qr(jnp.swapaxes(w2, -1, -2))
   return jnp.swapaxes(rr[..., :r, :], -1, -2), jnp.swapaxes(q[..., :, :r], -1, -2)
-
-
-def column_norm(v, n_stack: int, n_in: int):
-  """``||v||_2`` over the input axes of a ``S + I + O`` kernel: shape ``S + O``."""
-  return jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(range(n_stack, n_stack + n_in))))

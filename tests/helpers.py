@@ -11,18 +11,20 @@ from hypothesis import strategies as st
 
 import jlora
 from jlora import tree as tree_lib
+from jlora.optim import trainable_roles
 
 
 def randomize(params, key, scale=0.5):
   """Adapted params with random A and B (init puts B = 0, which tests nothing)."""
   flat = tree_lib.flatten(params)
+  roles = trainable_roles(flat)
   out = {}
-  for i, (p, leaf) in enumerate(sorted(flat.items())):
-    if tree_lib.role_of(tree_lib.split_leaf(p)[1]) in ("lora_a", "lora_b"):
+  for i, (p, leaf) in enumerate(flat.items()):
+    if roles.get(p) in ("lora_a", "lora_b"):
       v = tree_lib.value(leaf)
       arr = scale * jax.random.normal(jax.random.fold_in(key, i), v.shape, jnp.float32)
       out[p] = tree_lib.rewrap(leaf, arr.astype(v.dtype))
-    elif tree_lib.role_of(tree_lib.split_leaf(p)[1]) == "lora_m":
+    elif roles.get(p) == "lora_m":
       v = tree_lib.value(leaf)
       out[p] = tree_lib.rewrap(leaf, v * (1 + 0.3 * jax.random.uniform(jax.random.fold_in(key, i), v.shape)))
     else:
@@ -36,11 +38,13 @@ def assert_trees_close(a, b, rtol=1e-4, atol=1e-5):
   for p in fa:
     np.testing.assert_allclose(np.asarray(tree_lib.value(fa[p]), np.float64),
                                np.asarray(tree_lib.value(fb[p]), np.float64),
-                               rtol=rtol, atol=atol, err_msg=p)
+                               rtol=rtol, atol=atol, err_msg=tree_lib.path_str(p))
 
 
 def adapter_grads(g):
-  return {p: tree_lib.value(v) for p, v in tree_lib.flatten(g).items() if tree_lib.is_trainable_path(p)}
+  flat = tree_lib.flatten(g)
+  roles = trainable_roles(flat)
+  return {p: tree_lib.value(v) for p, v in flat.items() if p in roles}
 
 
 class LinenNet(nn.Module):

@@ -262,3 +262,117 @@ def test_high_rank_whole_matmul(key, dora):
   # ... and under jit of a vmap over examples
   batched = lambda p, xs: jax.vmap(lambda xi: model.apply(p, xi))(xs)
   assert_factored_matches_merged(jax.jit(batched), params, jnp.stack([x, 2 * x, -x]))
+
+
+# -- the walker: every control-flow and call primitive ------------------------------
+
+
+def test_traced_once_per_signature(key):
+  calls = []
+
+  def fn(p, x):
+    calls.append(1)
+    return x @ p["d"]["kernel"]
+  params = _adapted(key, {"d": {"kernel": jax.random.normal(key, (4, 3))}})
+  wrapped = jlora.lora(fn, on_fallback="error")
+  for _ in range(3):
+    wrapped(params, jnp.ones((2, 4)))
+  assert len(calls) == 1
+  wrapped(params, jnp.ones((5, 4)))  # a new shape traces again
+  assert len(calls) == 2
+  # the arrays of each call are used, not the traced ones
+  other = jax.tree.map(lambda v: v * 2, params)
+  np.testing.assert_allclose(wrapped(other, jnp.ones((2, 4))),
+                             fn(jlora.merge(other), jnp.ones((2, 4))), rtol=1e-5)
+
+
+def test_custom_vjp_keeps_the_users_rule_and_says_so(key):
+  @jax.custom_vjp
+  def clipped_matmul(x, w):  # a user's matmul whose backward clips the cotangent
+    return x @ w
+  clipped_matmul.defvjp(lambda x, w: (x @ w, (x, w)),
+                        lambda res, g: (jnp.clip(g, -0.1, 0.1) @ res[1].T,
+                                        res[0].T @ jnp.clip(g, -0.1, 0.1)))
+  fn = lambda p, x: clipped_matmul(x, p["d"]["kernel"])
+  params = _adapted(key, {"d": {"kernel": jax.random.normal(key, (4, 3))}})
+  x = jax.random.normal(key, (2, 4))
+  with pytest.warns(jlora.LoraFallbackWarning, match="custom_vjp_call.*custom derivative rule"):
+    out = jlora.lora(fn)(params, x)
+  np.testing.assert_allclose(out, fn(jlora.merge(params), x), rtol=1e-5)
+  loss = lambda f: lambda p: jnp.sum(3 * f(p, x))
+  g = adapter_grads(jax.grad(loss(jlora.lora(fn, on_fallback="ignore")))(params))
+  g_ref = adapter_grads(jax.grad(loss(jlora.lora(fn, mode="merged")))(params))
+  for p in g:  # the clipping rule applied: same as merged, not autodiff of x @ w
+    np.testing.assert_allclose(g[p], g_ref[p], rtol=1e-5, atol=1e-6)
+
+
+def test_loop_over_stacked_kernels_closed_over(key):
+  """``lax.fori_loop`` over layers picks ``W[i]``: dynamic_slice + squeeze of a stack axis."""
+  ws = {"layers": {"w": jax.random.normal(key, (4, 6, 6)) / 3}}
+
+  def fn(p, x):
+    return jax.lax.fori_loop(0, 4, lambda i, h: jnp.tanh(h @ p["layers"]["w"][i]), x)
+  x = jax.random.normal(key, (3, 6))
+  params = _adapted(key, ws, fn, (x,), targets=r"/w$")
+  (ad,) = jlora.adapters(params)
+  assert ad.n_stack == 1 and ad.a.shape == (4, 6, 2)  # the loop index picks a stack axis
+  assert_factored_matches_merged(fn, params, x)
+  # and with static indices, W[0] and W[3]
+  static = lambda p, x: jnp.tanh(x @ p["layers"]["w"][0]) @ p["layers"]["w"][3]
+  assert_factored_matches_merged(static, params, x)
+
+
+def test_while_and_cond(key):
+  ws = {"a": {"kernel": jax.random.normal(key, (5, 5)) / 2},
+        "b": {"kernel": jax.random.normal(key, (5, 5)) / 2}}
+
+  def fn(p, x, n):
+    h = jax.lax.cond(jnp.sum(x) > 0, lambda h: h @ p["a"]["kernel"], lambda h: -h @ p["b"]["kernel"], x)
+    return jax.lax.while_loop(lambda c: c[0] < n, lambda c: (c[0] + 1, jnp.tanh(c[1] @ p["a"]["kernel"])),
+                              (0, h))[1]
+  x = jax.random.normal(key, (2, 5))
+  params = _adapted(key, ws, fn, (x, 3))
+  for sign in (1.0, -1.0):
+    got = jlora.lora(fn, on_fallback="error")(params, sign * jnp.abs(x), 3)
+    np.testing.assert_allclose(got, fn(jlora.merge(params), sign * jnp.abs(x), 3), rtol=1e-5,
+                               atol=1e-6)
+  # cond is differentiable: factored gradients equal merged ones
+  assert_factored_matches_merged(lambda p, x: jax.lax.cond(
+      jnp.sum(x) > 0, lambda h: h @ p["a"]["kernel"], lambda h: -h @ p["b"]["kernel"], x),
+      params, x)
+
+
+def test_optimization_barrier_keeps_factoring(key):
+  fn = lambda p, x: jax.lax.optimization_barrier((p["d"]["kernel"], x))[1] @ \
+      jax.lax.optimization_barrier((p["d"]["kernel"], x))[0]
+  params = _adapted(key, {"d": {"kernel": jax.random.normal(key, (4, 3))}})
+  assert_factored_matches_merged(fn, params, jax.random.normal(key, (2, 4)))
+
+
+def _kernel_shaped_cotangents(jaxpr, shapes) -> list:
+  """dot_general/conv equations anywhere in ``jaxpr`` whose output has a kernel's shape."""
+  found = []
+  def walk(jx):
+    for eqn in jx.eqns:
+      if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+        if tuple(sorted(eqn.outvars[0].aval.shape)) in shapes:
+          found.append(str(eqn))
+      for v in eqn.params.values():
+        for sub in (v if isinstance(v, (tuple, list)) else [v]):
+          inner = getattr(sub, "jaxpr", sub)
+          if hasattr(inner, "eqns"):
+            walk(inner)
+  walk(jaxpr.jaxpr)
+  return found
+
+
+def test_no_weight_gradient_is_traced_for_frozen_kernels(key):
+  """At the jaxpr level, before XLA can drop anything: with respect to the *whole*
+  params tree, the factored path makes no kernel-shaped product (``W`` is behind
+  ``stop_gradient``), while the merged path does."""
+  model = LinenNet()
+  params = _adapted(key, model.init(key, TOKENS), model.apply, (TOKENS,), targets=r"(fc1|fc2|conv)/kernel$")
+  shapes = {tuple(sorted(a.kernel.shape)) for a in jlora.adapters(params)}
+  loss = lambda mode: lambda p: jnp.sum(jlora.lora(model.apply, mode=mode)(p, TOKENS) ** 2)
+  assert _kernel_shaped_cotangents(jax.make_jaxpr(jax.grad(loss("factored")))(params), shapes) == []
+  assert _kernel_shaped_cotangents(jax.make_jaxpr(jax.grad(loss("merged")))(params), shapes)

@@ -1,0 +1,309 @@
+"""The adapter data model: leaf names, axis layouts, and reading adapters from a tree.
+
+An adapter lives in the same mapping as its kernel. For a leaf named ``kernel``
+or ``embedding`` (the weight of a Flax Dense, DenseGeneral, Conv, Einsum or Embed
+module) its siblings are ``lora_a``, ``lora_b``, ``lora_scale`` and, where used,
+``lora_m`` and ``lora_dropout``. For any other leaf name ``w`` they are
+``w_lora_a``, ``w_lora_b`` and so on, so a plain dict may hold several adapted
+matrices side by side. Only a *complete* adapter counts: kernel, ``lora_a``,
+``lora_b`` and ``lora_scale`` together. A user leaf that merely ends in
+``_lora_m``, or the ``lora_a``/``lora_b`` params of Flax's own ``nnx.LoRA``
+(which have no ``lora_scale``), are ordinary base leaves.
+
+**Layout.** A kernel's axes are ``stack + in + out`` (stack axes index the layers
+of an ``nn.scan``; inputs are the axes the model contracts), or ``stack + out +
+in`` for kernels stored output-first, like transformers' GPT-2 ``Conv1D`` (``(out,
+in)``, used as ``x @ kernel.T``). The adapter follows the kernel:
+
+* ``lora_a`` is the kernel with its output axes replaced by one rank axis:
+  ``stack + in + (r,)``, or ``stack + (r,) + in`` output-first;
+* ``lora_b`` is the kernel with its input axes replaced by one rank axis:
+  ``stack + (r,) + out``, or ``stack + out + (r,)`` output-first;
+* ``lora_scale`` is ``stack`` (float32) and ``lora_m`` (DoRA) ``stack + out``.
+
+So the usual layout is DESIGN's ``A: in + (r,)``, ``B: (r,) + out``, and a torch-style
+``(out, in)`` kernel gets PEFT's own ``A: (r, in)``, ``B: (out, r)``. The layout is
+read back from the shapes alone; the one case the shapes cannot tell apart (a
+full-rank adapter, where ``r`` equals the kernel's fan-in or fan-out on a layout
+that also fits the other order) is read as input-first, and ``jlora.init``
+refuses to build it output-first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Iterator, NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jlora import tree as tree_lib
+from jlora.tree import Path, path_str
+
+#: Adapter leaf roles.
+TRAINABLE_ROLES = ("lora_a", "lora_b", "lora_m")
+CONSTANT_ROLES = ("lora_scale", "lora_dropout")
+ROLES = TRAINABLE_ROLES + CONSTANT_ROLES
+#: The roles every adapter has.
+REQUIRED_ROLES = ("lora_a", "lora_b", "lora_scale")
+#: Kernel leaf names whose adapter leaves carry no prefix.
+BARE_KERNEL_NAMES = ("kernel", "embedding")
+
+
+def leaf_name(kernel_name, role: str) -> str:
+  """The sibling leaf name holding ``role`` for the kernel leaf ``kernel_name``."""
+  if kernel_name in BARE_KERNEL_NAMES:
+    return role
+  if not isinstance(kernel_name, str):
+    raise ValueError(
+        f"a kernel under the key {kernel_name!r} cannot get adapter leaves: they are"
+        f" named after the kernel (`<name>_lora_a`), which needs a string key.")
+  return f"{kernel_name}_{role}"
+
+
+def role_paths(kernel_path: Path) -> dict[str, Path]:
+  """``{role: path}`` of every possible adapter leaf of a kernel."""
+  head, name = kernel_path[:-1], kernel_path[-1]
+  return {role: head + (leaf_name(name, role),) for role in ROLES}
+
+
+# ---------------------------------------------------------------------------
+# Layouts.
+
+
+class Split(NamedTuple):
+  """How a kernel's axes divide: ``stack + in + out``, or ``stack + out + in``.
+
+  ``n_stack`` leading stack axes, ``n_in`` input axes (the ones the model
+  contracts), and the rest output axes; ``out_first`` says the outputs come first.
+  """
+  n_stack: int
+  n_in: int
+  out_first: bool = False
+
+  def n_out(self, ndim: int) -> int:
+    return ndim - self.n_stack - self.n_in
+
+  def in_axes(self, ndim: int) -> tuple[int, ...]:
+    start = self.n_stack + (self.n_out(ndim) if self.out_first else 0)
+    return tuple(range(start, start + self.n_in))
+
+  def out_axes(self, ndim: int) -> tuple[int, ...]:
+    ins = set(self.in_axes(ndim))
+    return tuple(i for i in range(self.n_stack, ndim) if i not in ins)
+
+  def shapes(self, shape) -> tuple[tuple, tuple, tuple]:
+    """``(stack, in, out)`` shapes of a kernel of ``shape``."""
+    shape = tuple(shape)
+    return (shape[:self.n_stack], tuple(shape[i] for i in self.in_axes(len(shape))),
+            tuple(shape[i] for i in self.out_axes(len(shape))))
+
+  def a_shape(self, shape, r: int) -> tuple:
+    stack, ins, _ = self.shapes(shape)
+    return stack + ((r,) + ins if self.out_first else ins + (r,))
+
+  def b_shape(self, shape, r: int) -> tuple:
+    stack, _, outs = self.shapes(shape)
+    return stack + (outs + (r,) if self.out_first else (r,) + outs)
+
+  # -- canonical matrices: every layout as (stack..., fan_in, fan_out) products --
+
+  def kernel_matrix(self, w):
+    """A kernel ``stack + in + out`` (or output-first) as ``stack + (fan_in, fan_out)``."""
+    stack, ins, outs = self.shapes(w.shape)
+    nd = w.ndim
+    perm = tuple(range(self.n_stack)) + self.in_axes(nd) + self.out_axes(nd)
+    return jnp.reshape(jnp.transpose(w, perm), stack + (math.prod(ins), math.prod(outs)))
+
+  def kernel_from_matrix(self, m2, shape):
+    """The inverse of ``kernel_matrix``: ``stack + (fan_in, fan_out)`` -> ``shape``."""
+    stack, ins, outs = self.shapes(shape)
+    canon = jnp.reshape(m2, stack + ins + outs)
+    if not self.out_first:
+      return canon
+    ns, ni = self.n_stack, self.n_in
+    perm = tuple(range(ns)) + tuple(range(ns + ni, len(shape))) + tuple(range(ns, ns + ni))
+    return jnp.transpose(canon, perm)
+
+  def a_matrix(self, a):
+    """``lora_a`` as ``stack + (fan_in, r)``."""
+    if self.out_first:
+      a = jnp.moveaxis(a, self.n_stack, -1)
+    return jnp.reshape(a, a.shape[:self.n_stack] + (-1, a.shape[-1]))
+
+  def b_matrix(self, b):
+    """``lora_b`` as ``stack + (r, fan_out)``."""
+    if self.out_first:
+      b = jnp.moveaxis(b, -1, self.n_stack)
+    return jnp.reshape(b, b.shape[:self.n_stack + 1] + (-1,))
+
+  def a_from_matrix(self, a2, shape):
+    """``stack + (fan_in, r)`` -> ``lora_a`` for a kernel of ``shape``."""
+    stack, ins, _ = self.shapes(shape)
+    a = jnp.reshape(a2, stack + ins + (a2.shape[-1],))
+    return jnp.moveaxis(a, -1, self.n_stack) if self.out_first else a
+
+  def b_from_matrix(self, b2, shape):
+    """``stack + (r, fan_out)`` -> ``lora_b`` for a kernel of ``shape``."""
+    stack, _, outs = self.shapes(shape)
+    b = jnp.reshape(b2, stack + (b2.shape[-2],) + outs)
+    return jnp.moveaxis(b, self.n_stack, -1) if self.out_first else b
+
+
+def read_split(kernel_shape, a_shape, b_shape, n_stack: int) -> Split | None:
+  """The layout whose adapter shapes these are, or None; input-first when both fit."""
+  kernel_shape, a_shape, b_shape = tuple(kernel_shape), tuple(a_shape), tuple(b_shape)
+  n_in = len(a_shape) - n_stack - 1
+  if n_in < 1 or len(b_shape) - n_stack - 1 < 1 or n_in + len(b_shape) - 1 != len(kernel_shape):
+    return None
+  for split in (Split(n_stack, n_in, False), Split(n_stack, n_in, True)):
+    r = a_shape[n_stack] if split.out_first else a_shape[-1]
+    if split.a_shape(kernel_shape, r) == a_shape and split.b_shape(kernel_shape, r) == b_shape:
+      return split
+  return None
+
+
+def is_ambiguous(split: Split, shape, r: int) -> bool:
+  """Whether an output-first adapter's shapes would read back as input-first."""
+  return split.out_first and read_split(shape, split.a_shape(shape, r), split.b_shape(shape, r),
+                                        split.n_stack) != split
+
+
+# ---------------------------------------------------------------------------
+# Adapters read from a tree.
+
+
+class Adapter(NamedTuple):
+  """One adapted kernel, as read from the params tree (arrays unwrapped).
+
+  With ``S``, ``I`` and ``O`` the stack, input and output shapes of the kernel
+  (see ``Split``; ``S`` is often empty):
+
+  * ``kernel``: ``S + I + O`` (or ``S + O + I``, output-first);
+  * ``a``: ``S + I + (r,)`` (``S + (r,) + I``); ``b``: ``S + (r,) + O`` (``S + O + (r,)``);
+  * ``scale``: ``S`` (float32); ``m``: ``S + O`` or None (DoRA magnitude);
+  * ``dropout``: ``S`` or None (the rate of dropout on the adapter's input).
+  """
+  path: Path         # path of the kernel leaf
+  kernel: Any
+  a: Any
+  b: Any
+  scale: Any
+  m: Any = None
+  dropout: Any = None
+
+  @property
+  def name(self) -> str:
+    """The ``/``-joined kernel path, for messages and matching."""
+    return path_str(self.path)
+
+  @property
+  def n_stack(self) -> int:
+    return np.ndim(self.scale)
+
+  @property
+  def split(self) -> Split:
+    split = read_split(np.shape(self.kernel), np.shape(self.a), np.shape(self.b), self.n_stack)
+    if split is None:
+      raise layout_error(self)
+    return split
+
+  @property
+  def out_first(self) -> bool:
+    return self.split.out_first
+
+  @property
+  def n_in(self) -> int:
+    return np.ndim(self.a) - self.n_stack - 1
+
+  @property
+  def n_out(self) -> int:
+    return np.ndim(self.b) - self.n_stack - 1
+
+  @property
+  def rank(self) -> int:
+    return np.shape(self.b)[-1] if self.out_first else np.shape(self.a)[-1]
+
+  @property
+  def shapes(self) -> tuple[tuple, tuple, tuple]:
+    """``(stack, in, out)`` shapes."""
+    return self.split.shapes(np.shape(self.kernel))
+
+
+def layout_error(ad: Adapter) -> ValueError:
+  return ValueError(
+      f"adapter of {ad.name!r} does not fit its kernel: kernel {np.shape(ad.kernel)},"
+      f" lora_a {np.shape(ad.a)}, lora_b {np.shape(ad.b)}, lora_scale {np.shape(ad.scale)}"
+      + (f", lora_m {np.shape(ad.m)}" if ad.m is not None else "")
+      + ". Expected kernel = stack + in + out with lora_a = stack + in + (r,),"
+      " lora_b = stack + (r,) + out (or kernel = stack + out + in with lora_a ="
+      " stack + (r,) + in, lora_b = stack + out + (r,)), lora_scale = stack and"
+      " lora_m = stack + out.")
+
+
+def check_layout(ad: Adapter) -> None:
+  """Raise ``ValueError`` if an adapter's shapes do not fit its kernel."""
+  stack, _, outs = ad.shapes  # raises when no layout fits
+  for leaf, want in ((ad.m, stack + outs), (ad.dropout, stack)):
+    if leaf is not None and np.shape(leaf) != want:
+      raise layout_error(ad)
+
+
+def find(flat: Mapping[Path, Any]) -> dict[Path, dict[str, Path]]:
+  """``{kernel path: {role: leaf path}}`` of every complete adapter in a flat view.
+
+  A kernel has an adapter when the leaves ``lora_a``, ``lora_b`` and
+  ``lora_scale`` of its name stand beside it (see the module docstring).
+
+  Raises:
+    ValueError: one leaf would belong to two adapters (a module with both a
+      ``kernel`` and an ``embedding`` beside one ``lora_a``, say).
+  """
+  out: dict[Path, dict[str, Path]] = {}
+  owner: dict[Path, Path] = {}
+  for path in flat:
+    if not path or (path[-1] not in BARE_KERNEL_NAMES and not isinstance(path[-1], str)):
+      continue
+    roles = {r: p for r, p in role_paths(path).items() if p in flat}
+    if not all(r in roles for r in REQUIRED_ROLES):
+      continue
+    for p in roles.values():
+      other = owner.setdefault(p, path)
+      if other != path:
+        raise ValueError(f"the leaf {path_str(p)!r} would be the adapter of both"
+                         f" {path_str(other)!r} and {path_str(path)!r}.")
+    out[path] = roles
+  return out
+
+
+def adapter_leaf_paths(flat: Mapping[Path, Any]) -> set[Path]:
+  """The paths of every leaf that belongs to a complete adapter."""
+  return {p for roles in find(flat).values() for p in roles.values()}
+
+
+def read(flat: Mapping[Path, Any], kernel_path: Path, roles: Mapping[str, Path]) -> Adapter:
+  get = lambda r: tree_lib.value(flat[roles[r]]) if r in roles else None
+  ad = Adapter(kernel_path, tree_lib.value(flat[kernel_path]), get("lora_a"), get("lora_b"),
+               get("lora_scale"), get("lora_m"), get("lora_dropout"))
+  check_layout(ad)
+  return ad
+
+
+def iter_adapters(flat: Mapping[Path, Any]) -> Iterator[Adapter]:
+  """Every adapted kernel of a flat params view, in tree order."""
+  for kp, roles in find(flat).items():
+    yield read(flat, kp, roles)
+
+
+def adapters(params) -> list[Adapter]:
+  """All adapters of a params tree (see ``Adapter``)."""
+  return list(iter_adapters(tree_lib.flatten(params)))
+
+
+def new_leaf(kernel_leaf, array, role: str):
+  """A fresh adapter leaf stored like ``kernel_leaf`` (an NNX Variable if it is one)."""
+  if isinstance(kernel_leaf, nnx.Variable):
+    return (nnx.LoRAParam if role in TRAINABLE_ROLES else nnx.Variable)(array)
+  return array
