@@ -57,13 +57,17 @@ def _dot(a, b, ca: int, cb: int, batched: bool, precision):
 
 def _times_rank(t, m, m_rank_axis: int, batched: bool, precision, unroll: bool):
   """``t (L?, T, r)`` times ``m`` with its rank on ``m_rank_axis``: ``(L?, T, N)``."""
-  r = t.shape[-1]
   if not unroll:
     return _dot(t, m, t.ndim - 1, m_rank_axis, batched, precision)
-  take = (lambda j: m[..., j, :]) if m_rank_axis == m.ndim - 2 else (lambda j: m[..., :, j])
-  out = t[..., 0:1] * take(0)[..., None, :]
-  for j in range(1, r):
-    out = out + t[..., j:j + 1] * take(j)[..., None, :]
+  if m_rank_axis != m.ndim - 2:
+    m = jnp.swapaxes(m, -1, -2)  # (L?, r, N): one small transpose, then row slices
+  # Four primitives per rank (two slices, a broadcasting multiply, an add): the
+  # fewest that express it, since every one costs trace and compile time.
+  out = None
+  for j in range(t.shape[-1]):
+    term = jax.lax.mul(jax.lax.slice_in_dim(t, j, j + 1, axis=t.ndim - 1),
+                       jax.lax.slice_in_dim(m, j, j + 1, axis=m.ndim - 2))
+    out = term if out is None else jax.lax.add(out, term)
   return out
 
 

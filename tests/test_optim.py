@@ -231,3 +231,76 @@ def test_step_compiles_once_with_a_committed_base():
   for _ in range(3):
     params, state, _ = step(params, state, jnp.ones((4, 16)))
   assert step._cache_size() == 1
+
+
+def _kernel_shaped_products(jaxpr, shapes) -> list:
+  """dot_general/conv equations anywhere in ``jaxpr`` whose output has one of ``shapes``
+  (sorted dims, so any axis order)."""
+  found = []
+  def walk(jx):
+    for eqn in jx.eqns:
+      if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+        if tuple(sorted(eqn.outvars[0].aval.shape)) in shapes:
+          found.append(str(eqn))
+      for v in eqn.params.values():
+        for sub in (v if isinstance(v, (tuple, list)) else [v]):
+          inner = getattr(sub, "jaxpr", sub)
+          if hasattr(inner, "eqns"):
+            walk(inner)
+  walk(jaxpr.jaxpr)
+  return found
+
+
+def test_train_step_traces_no_frozen_gradient(setup):
+  """At the jaxpr level, before XLA's dead-code elimination: the step differentiates the
+  adapter leaves only, so no kernel-shaped product appears for any frozen kernel, adapted
+  or not (here ``key``, ``out`` and ``fc2`` are not targets)."""
+  model, x, y, base, _ = setup
+  params = jlora.init(jax.random.key(3), base, jlora.LoraConfig(rank=4, targets=["query", "value", "fc1"]),
+                      fn=model.apply, args=(x,))
+  step, tx = _lora_step(model, y, params)
+  shapes = {tuple(sorted(np.shape(v))) for v in jax.tree.leaves(base) if np.ndim(v) >= 2}
+  assert _kernel_shaped_products(jax.make_jaxpr(step)(params, tx.init(params), x), shapes) == []
+  # the same loss differentiated with respect to the whole tree does compute them
+  full = jax.make_jaxpr(jax.grad(lambda p: jnp.mean((jlora.lora(model.apply)(p, x) - y) ** 2)))
+  assert _kernel_shaped_products(full(params), shapes)
+
+
+def test_nnx_with_dropout_and_bf16_through_train_step():
+  """NNX state holds rng keys and uint32 counters (nnx.Dropout); bf16 kernels with float32
+  adapters: both train through train_step, frozen leaves bitwise unchanged."""
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.fc1 = nnx.Linear(8, 16, rngs=rngs, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
+      self.drop = nnx.Dropout(0.2, rngs=rngs)
+      self.fc2 = nnx.Linear(16, 4, rngs=rngs)
+
+    def __call__(self, x):
+      return self.fc2(self.drop(nnx.relu(self.fc1(x))).astype(jnp.float32))
+
+  graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+  kinds = {str(tree_lib.value(v).dtype) for v in tree_lib.flatten(state).values()}
+  assert "uint32" in kinds and "bfloat16" in kinds
+  fn = lambda s, x: nnx.merge(graphdef, s)(x)
+  x = jax.random.normal(jax.random.key(1), (32, 8))
+  y = jax.random.normal(jax.random.key(2), (32, 4))
+  params = jlora.init(jax.random.key(3), state, jlora.LoraConfig(rank=2, dtype="float32"),
+                      fn=fn, args=(x,))
+  loss = lambda p, x, y: jnp.mean((jlora.lora(fn, on_fallback="error")(p, x) - y) ** 2)
+  tx = jlora.optimizer(optax.adam(1e-2), params)
+  step = jlora.train_step(loss, tx, donate=False)
+  p, s = params, tx.init(params)
+  losses = []
+  for _ in range(5):
+    p, s, l = step(p, s, x, y)
+    losses.append(float(l))
+  assert losses[-1] < losses[0]
+  before, after = tree_lib.flatten(params), tree_lib.flatten(p)
+  for path, leaf in before.items():
+    a, b = tree_lib.value(leaf), tree_lib.value(after[path])
+    if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+      a, b = jax.random.key_data(a), jax.random.key_data(b)
+    moved = not np.array_equal(np.asarray(a), np.asarray(b))
+    assert moved == (path[-1] in ("lora_a", "lora_b")), path
