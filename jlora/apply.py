@@ -41,7 +41,7 @@ from jlora import tracing
 from jlora import tree as tree_lib
 from jlora import walk
 from jlora.adapter import Adapter, Split
-from jlora.branch import default_unroll_max_rank, lora_branch, lora_matmul
+from jlora.branch import lora_branch, lora_matmul
 
 #: How many traced signatures ``lora(fn)`` keeps per wrapped function.
 _CACHE_SIZE = 32
@@ -133,8 +133,7 @@ def _entering(ad: Adapter) -> _Kernel:
   return k._replace(axes=tuple(k.stored))
 
 
-def lora(fn, *, mode: str = "factored", on_fallback: str = "warn",
-         unroll_max_rank: int | None = None):
+def lora(fn, *, mode: str = "factored", on_fallback: str = "warn", unroll_max_rank: int = 0):
   """Wrap ``fn(params, *args, **kw)``, written for base params, to run with adapters.
 
   Args:
@@ -147,8 +146,8 @@ def lora(fn, *, mode: str = "factored", on_fallback: str = "warn",
       ``"warn"`` once per path and reason (default), ``"error"``, or ``"ignore"``.
     unroll_max_rank: the K=r products of adapters up to this rank are written
       as multiply-adds that XLA fuses into neighbouring work; above it, a
-      plain-matrix product runs as one ``branch.lora_matmul``. ``None`` means
-      ``branch.default_unroll_max_rank`` of the default backend.
+      plain-matrix product runs as one ``branch.lora_matmul``. 0 (the default)
+      never unrolls: see ``jlora.branch`` for what was measured.
 
   Returns:
     ``wrapped(params, *args, lora_rng=None, **kw)``. ``params`` may hold adapter
@@ -166,9 +165,8 @@ def lora(fn, *, mode: str = "factored", on_fallback: str = "warn",
     raise ValueError(f"mode must be 'factored' or 'merged'; got {mode!r}.")
   if on_fallback not in ("warn", "error", "ignore"):
     raise ValueError(f"on_fallback must be 'warn', 'error' or 'ignore'; got {on_fallback!r}.")
-  if unroll_max_rank is not None and (isinstance(unroll_max_rank, bool)
-                                      or not isinstance(unroll_max_rank, int)):
-    raise ValueError(f"unroll_max_rank must be an int or None; got {unroll_max_rank!r}.")
+  if isinstance(unroll_max_rank, bool) or not isinstance(unroll_max_rank, int):
+    raise ValueError(f"unroll_max_rank must be an int; got {unroll_max_rank!r}.")
   reported: set = set()
   cache: dict = {}
 
@@ -196,9 +194,7 @@ def lora(fn, *, mode: str = "factored", on_fallback: str = "warn",
     jaxpr = traced.closed.jaxpr
     for kp, roles in found.items():
       inputs[traced.param_index[kp]] = _entering(adapter_lib.read(flat, kp, roles))
-    rank_limit = (default_unroll_max_rank(jax.default_backend()) if unroll_max_rank is None
-                  else unroll_max_rank)
-    walker = _Factored(lora_rng, reported, on_fallback, rank_limit)
+    walker = _Factored(lora_rng, reported, on_fallback, unroll_max_rank)
     outs = walker.run(jaxpr, traced.closed.consts, inputs)
     return jax.tree_util.tree_unflatten(traced.out_tree,
                                         [walker.plain(o, "the output") for o in outs])

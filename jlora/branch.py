@@ -13,10 +13,14 @@ floor. This ``custom_vjp`` fixes the form of every backward product instead:
 With ``unroll``, the two products whose inner dimension is r (``t·sB`` forward,
 ``gb·Aᵀ`` backward) are written as r broadcast multiply-adds, which XLA fuses
 into the neighbouring elementwise work instead of running a K=r matmul that
-writes a tokens x out array. ``jlora.lora`` unrolls up to ``unroll_max_rank``
-(``default_unroll_max_rank``: 16 on XLA:CPU, where it was measured).
+writes a tokens x out array. ``jlora.lora`` unrolls only up to its
+``unroll_max_rank`` option, 0 by default: on XLA:CPU the unrolled form measured no
+faster than the one below at rank 8 (step time 0.99x on the MLP stack and 1.01x on
+the transformer of ``experiments/bench.py``, interleaved medians), and it made a
+12-layer unrolled transformer's step 1.5x slower to trace and compile
+(``experiments/compile_time.py``).
 
-Above that rank, ``lora_matmul`` computes the whole adapted product
+Otherwise ``lora_matmul`` computes the whole adapted product
 ``x·W + (x·A)·(s·B)`` instead (plain matrices only). Written as a dot plus a K=r dot,
 that sum is a tokens x out array that XLA:CPU recomputes in every consumer fusion,
 so both dot outputs stay alive until the backward pass (measured: +122 MiB of temp
@@ -37,16 +41,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-
-
-def default_unroll_max_rank(backend: str) -> int:
-  """The largest rank whose K=r products ``jlora.lora`` unrolls on ``backend``.
-
-  16 on CPU, measured with ``experiments/bench.py`` (rank 8: MLP step 1.18x the
-  floor unrolled against 1.26x as dots). Elsewhere unmeasured, so 0: XLA's own
-  dots, the form its GPU and TPU backends are tuned for.
-  """
-  return 16 if backend == "cpu" else 0
 
 
 def _dot(a, b, ca: int, cb: int, batched: bool, precision):

@@ -29,9 +29,9 @@ def _loss(out):
   return sum(jnp.sum(jnp.sin(o)) for o in jax.tree.leaves(out))
 
 
-def assert_factored_matches_merged(fn, params, *args, rtol=1e-4, atol=1e-5):
+def assert_factored_matches_merged(fn, params, *args, rtol=1e-4, atol=1e-5, unroll=0):
   """Outputs and adapter gradients, factored vs merged, with fallbacks as errors."""
-  fact = jlora.lora(fn, on_fallback="error")
+  fact = jlora.lora(fn, on_fallback="error", unroll_max_rank=unroll)
   ref = jlora.lora(fn, mode="merged")
   for a, b in zip(jax.tree.leaves(fact(params, *args)), jax.tree.leaves(ref(params, *args))):
     np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
@@ -44,11 +44,12 @@ def assert_factored_matches_merged(fn, params, *args, rtol=1e-4, atol=1e-5):
 
 
 @pytest.mark.parametrize("dora", [False, True])
-def test_linen_every_kind(key, dora):
+@pytest.mark.parametrize("unroll", [0, 16])
+def test_linen_every_kind(key, dora, unroll):
   model = LinenNet()
   params = _adapted(key, model.init(key, TOKENS), model.apply, (TOKENS,), dora=dora)
   assert len(jlora.adapters(params)) == 9
-  assert_factored_matches_merged(model.apply, params, TOKENS)
+  assert_factored_matches_merged(model.apply, params, TOKENS, unroll=unroll)
 
 
 @pytest.mark.parametrize("conv", [
@@ -249,7 +250,7 @@ class _WideNarrow(nn.Module):
 
 @pytest.mark.parametrize("dora", [False, True])
 def test_high_rank_whole_matmul(key, dora):
-  # Above branch.UNROLL_MAX_RANK a Dense-layout product runs as one lora_matmul (with
+  # Above unroll_max_rank (0 by default) a Dense-layout product runs as one lora_matmul (with
   # concatenated operands where that is cheaper); it must still equal the merged reference.
   model = _WideNarrow()
   x = jax.random.normal(key, (2, 5, 20))
@@ -371,9 +372,11 @@ def test_no_weight_gradient_is_traced_for_frozen_kernels(key):
   params tree, the factored path makes no kernel-shaped product (``W`` is behind
   ``stop_gradient``), while the merged path does."""
   model = LinenNet()
-  params = _adapted(key, model.init(key, TOKENS), model.apply, (TOKENS,), targets=r"(fc1|fc2|conv)/kernel$")
+  tokens = jnp.arange(15).reshape(3, 5) % 11  # 15 rows: no activation has a kernel's shape
+  params = _adapted(key, model.init(key, tokens), model.apply, (tokens,),
+                    targets=r"(fc1|fc2|conv)/kernel$")
   shapes = {tuple(sorted(a.kernel.shape)) for a in jlora.adapters(params)}
-  loss = lambda mode: lambda p: jnp.sum(jlora.lora(model.apply, mode=mode)(p, TOKENS) ** 2)
+  loss = lambda mode: lambda p: jnp.sum(jlora.lora(model.apply, mode=mode)(p, tokens) ** 2)
   assert _kernel_shaped_cotangents(jax.make_jaxpr(jax.grad(loss("factored")))(params), shapes) == []
   assert _kernel_shaped_cotangents(jax.make_jaxpr(jax.grad(loss("merged")))(params), shapes)
 
