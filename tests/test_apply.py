@@ -14,8 +14,8 @@ import pytest
 from flax import nnx
 
 import jlora
-from helpers import (LinenNet, NNXNet, TOKENS, adapter_grads, plain_fn, plain_params,
-                     randomize)
+from helpers import (LinenNet, NNXNet, TOKENS, adapter_grads, kernel_shaped_products, plain_fn,
+                     plain_params, randomize)
 
 ALL = r"(kernel|embedding)$"
 
@@ -350,23 +350,6 @@ def test_optimization_barrier_keeps_factoring(key):
   assert_factored_matches_merged(fn, params, jax.random.normal(key, (2, 4)))
 
 
-def _kernel_shaped_cotangents(jaxpr, shapes) -> list:
-  """dot_general/conv equations anywhere in ``jaxpr`` whose output has a kernel's shape."""
-  found = []
-  def walk(jx):
-    for eqn in jx.eqns:
-      if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
-        if tuple(sorted(eqn.outvars[0].aval.shape)) in shapes:
-          found.append(str(eqn))
-      for v in eqn.params.values():
-        for sub in (v if isinstance(v, (tuple, list)) else [v]):
-          inner = getattr(sub, "jaxpr", sub)
-          if hasattr(inner, "eqns"):
-            walk(inner)
-  walk(jaxpr.jaxpr)
-  return found
-
-
 def test_no_weight_gradient_is_traced_for_frozen_kernels(key):
   """At the jaxpr level, before XLA can drop anything: with respect to the *whole*
   params tree, the factored path makes no kernel-shaped product (``W`` is behind
@@ -377,8 +360,8 @@ def test_no_weight_gradient_is_traced_for_frozen_kernels(key):
                     targets=r"(fc1|fc2|conv)/kernel$")
   shapes = {tuple(sorted(a.kernel.shape)) for a in jlora.adapters(params)}
   loss = lambda mode: lambda p: jnp.sum(jlora.lora(model.apply, mode=mode)(p, tokens) ** 2)
-  assert _kernel_shaped_cotangents(jax.make_jaxpr(jax.grad(loss("factored")))(params), shapes) == []
-  assert _kernel_shaped_cotangents(jax.make_jaxpr(jax.grad(loss("merged")))(params), shapes)
+  assert kernel_shaped_products(jax.make_jaxpr(jax.grad(loss("factored")))(params), shapes) == []
+  assert kernel_shaped_products(jax.make_jaxpr(jax.grad(loss("merged")))(params), shapes)
 
 
 def test_dora_gradients_against_a_hand_written_model(key):

@@ -13,7 +13,7 @@ from hypothesis import given, strategies as st
 
 import jlora
 from jlora import tree as tree_lib
-from helpers import kernels, randomize
+from helpers import kernel_shaped_products, kernels, randomize
 
 
 def _adapted_case(case, key):
@@ -237,24 +237,6 @@ def test_step_compiles_once_with_a_committed_base():
   assert step._cache_size() == 1
 
 
-def _kernel_shaped_products(jaxpr, shapes) -> list:
-  """dot_general/conv equations anywhere in ``jaxpr`` whose output has one of ``shapes``
-  (sorted dims, so any axis order)."""
-  found = []
-  def walk(jx):
-    for eqn in jx.eqns:
-      if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
-        if tuple(sorted(eqn.outvars[0].aval.shape)) in shapes:
-          found.append(str(eqn))
-      for v in eqn.params.values():
-        for sub in (v if isinstance(v, (tuple, list)) else [v]):
-          inner = getattr(sub, "jaxpr", sub)
-          if hasattr(inner, "eqns"):
-            walk(inner)
-  walk(jaxpr.jaxpr)
-  return found
-
-
 def test_train_step_traces_no_frozen_gradient(setup):
   """At the jaxpr level, before XLA's dead-code elimination: the step differentiates the
   adapter leaves only, so no kernel-shaped product appears for any frozen kernel, adapted
@@ -264,10 +246,10 @@ def test_train_step_traces_no_frozen_gradient(setup):
                       fn=model.apply, args=(x,))
   step, tx = _lora_step(model, y, params, unroll=unroll)
   shapes = {tuple(sorted(np.shape(v))) for v in jax.tree.leaves(base) if np.ndim(v) >= 2}
-  assert _kernel_shaped_products(jax.make_jaxpr(step)(params, tx.init(params), x), shapes) == []
+  assert kernel_shaped_products(jax.make_jaxpr(step)(params, tx.init(params), x), shapes) == []
   # the same loss differentiated with respect to the whole tree does compute them
   full = jax.make_jaxpr(jax.grad(lambda p: jnp.mean((jlora.lora(model.apply)(p, x) - y) ** 2)))
-  assert _kernel_shaped_products(full(params), shapes)
+  assert kernel_shaped_products(full(params), shapes)
 
 
 def test_nnx_with_dropout_and_bf16_through_train_step():
