@@ -304,11 +304,11 @@ class _Factored(walk.Walker):
     return _or_fallback(self, eqn, ins, _dot_general(eqn, ins, self))
 
   def conv(self, eqn, ins):
-    out = None if isinstance(ins[0], _Kernel) else _conv(eqn, ins, self)
+    out = "an adapted kernel as the image" if isinstance(ins[0], _Kernel) else _conv(eqn, ins, self)
     return _or_fallback(self, eqn, ins, out)
 
   def gather(self, eqn, ins):
-    out = _gather(eqn, ins, self) if isinstance(ins[0], _Kernel) else None
+    out = _gather(eqn, ins, self) if isinstance(ins[0], _Kernel) else "an adapted kernel as indices"
     return _or_fallback(self, eqn, ins, out)
 
   def custom(self, eqn, ins):
@@ -394,12 +394,14 @@ class _Factored(walk.Walker):
 
 
 def _or_fallback(walker: _Factored, eqn, ins, out) -> list:
-  return [out] if out is not None else walker.other(eqn, ins)
+  if isinstance(out, str):
+    return walker.other(eqn, ins, f"`{eqn.primitive.name}` ({out})")
+  return [out]
 
 
 # ---------------------------------------------------------------------------
-# Factored rules. Each returns None when its preconditions fail, which sends the
-# op to the merged fallback.
+# Factored rules. Each returns its result, or a string saying which precondition
+# failed, which sends the op to the merged fallback with that reason.
 
 
 def _lora_input(x, k: _Kernel, walker: _Factored):
@@ -408,17 +410,17 @@ def _lora_input(x, k: _Kernel, walker: _Factored):
     return x
   rate = k.ad.dropout
   if jnp.ndim(rate) != 0:
-    return None  # a per-layer rate inside a batched (vmapped) use: no rule
+    return "dropout with a per-layer rate inside a batched (vmapped) product"
   keep = jax.random.bernoulli(walker.next_key(), 1.0 - rate, jnp.shape(x))
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)
 
 
 def _dot_general(eqn, ins, walker: _Factored):
-  """``x·W`` (W on either side) contracting only W's inputs, or only its outputs."""
+  """``x·W`` (W on either side) contracting only W's inputs, or only its outputs; or why not."""
   (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
   kernel_left = isinstance(ins[0], _Kernel)
   if kernel_left == isinstance(ins[1], _Kernel):
-    return None  # two kernels multiplied together: no rule
+    return "two adapted kernels multiplied together"
   (k, kc, kb), (x, xc, xb) = ((ins[0], lc, lb), (ins[1], rc, rb)) if kernel_left else \
       ((ins[1], rc, rb), (ins[0], lc, lb))
   c_labels = [k.axes[i] for i in kc]
@@ -426,18 +428,19 @@ def _dot_general(eqn, ins, walker: _Factored):
   # Stack axes must pair with batch axes of x (as under vmap), and the contraction
   # must stay on one side of the rank-r bottleneck.
   if set(b_labels) != set(k.stack_labels):
-    return None
+    return "its batch axes are not exactly its stack axes"
   side = {lab[0] for lab in c_labels}
   if side not in ({"i"}, {"o"}):
-    return None
+    return "it contracts input and output axes together"
   contract_in = side == {"i"}
   if len(c_labels) != (k.ad.n_in if contract_in else k.ad.n_out):
-    return None  # the branch is (x·A)·B as matrices: every axis of one side contracts
+    # the branch is (x·A)·B as matrices: every axis of one side contracts
+    return f"it contracts only some of the kernel's {'input' if contract_in else 'output'} axes"
   if k.ad.m is not None and not contract_in:
-    return None  # DoRA's column norm runs over the inputs
+    return "it contracts the output axes of a DoRA kernel, whose column norm runs over the inputs"
   xl = _lora_input(x, k, walker)
-  if xl is None:
-    return None
+  if isinstance(xl, str):
+    return xl
   kw = {p: eqn.params[p] for p in ("precision", "preferred_element_type") if p in eqn.params}
   x_labels = [("x", i) for i in range(x.ndim)]
   for i, lab in zip(list(xc) + list(xb), c_labels + b_labels):
@@ -523,12 +526,13 @@ def _conv(eqn, ins, walker: _Factored):
   x, k = ins
   p = eqn.params
   dn = p["dimension_numbers"]
-  if (p["feature_group_count"] != 1 or p["batch_group_count"] != 1 or k.ad.n_stack
-      or k.ad.n_out != 1 or k.axes[dn.rhs_spec[0]] != ("o", 0)):
-    return None
+  if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+    return "a grouped convolution"
+  if k.ad.n_stack or k.ad.n_out != 1 or k.axes[dn.rhs_spec[0]] != ("o", 0):
+    return "the kernel's output axis is not the convolution's output feature axis"
   xl = _lora_input(x, k, walker)
-  if xl is None:
-    return None
+  if isinstance(xl, str):
+    return xl
   conv = functools.partial(jax.lax.conv_general_dilated_p.bind, **p)
   return _up_project(k, conv(x, k.base()), conv(xl, _a_like_kernel(k)), dn.out_spec[1])
 
@@ -537,14 +541,14 @@ def _gather(eqn, ins, walker: _Factored):
   """``W[idx] + s·A[idx]·B`` for lookups that take whole rows along the output axis."""
   k, idx = ins
   if isinstance(idx, _Kernel):
-    return None
+    return "an adapted kernel used as indices"
   p = eqn.params
   dn = p["dimension_numbers"]
   o_pos = [i for i, lab in enumerate(k.axes) if lab[0] == "o"]
   if (k.ad.n_stack or len(o_pos) != 1 or dn.operand_batching_dims
       or o_pos[0] in dn.collapsed_slice_dims or o_pos[0] in dn.start_index_map
       or p["slice_sizes"][o_pos[0]] != np.shape(k.ad.kernel)[k.stored.index(("o", 0))]):
-    return None
+    return "a lookup that does not take whole rows along the output axis"
   o = o_pos[0]
   sizes = tuple(k.rank if i == o else s for i, s in enumerate(p["slice_sizes"]))
   y = jax.lax.gather_p.bind(k.base(), idx, **p)
