@@ -86,10 +86,10 @@ def check_template(found: dict, loaded: Sequence[Loaded], flat, what: str) -> No
       a, b = mine.get(role), l.leaves.get(role)
       if (a is None) != (b is None) or (a is not None and np.shape(a) != np.shape(b)):
         raise ValueError(
-            f"{what}: the adapter of {l.name!r} has {shape_text(l.leaves) or 'no factors'}"
-            f" ({role} {_shape_or_none(b)}), but the adapted params have"
-            f" {shape_text(mine)} ({role} {_shape_or_none(a)}). Load onto the base"
-            " (`jlora.partition(params)[1]`), or adapt it with the saved rank and layout.")
+            f"{what}: the adapter of {l.name!r} has {shape_text(l.leaves)}, but the adapted"
+            f" params have {shape_text(mine)} there ({role}: {_shape_or_none(b)} against"
+            f" {_shape_or_none(a)}). Load onto the base (`jlora.partition(params)[1]`), or"
+            " adapt it with the saved rank, layout and DoRA setting.")
   for p in found:
     if p not in by_path:
       raise ValueError(

@@ -439,5 +439,5 @@ def read_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 def write_safetensors(path, tensors: Mapping[str, Any], header: Mapping[str, str]) -> None:
   """Writes ``tensors`` (contiguous copies) with the ``header`` metadata."""
   from safetensors.flax import save_file
-  save_file({k: jnp.asarray(np.ascontiguousarray(v)) for k, v in tensors.items()}, str(path),
+  save_file({k: jnp.asarray(np.array(v, order="C")) for k, v in tensors.items()}, str(path),
             metadata=dict(header))
