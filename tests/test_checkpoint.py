@@ -25,25 +25,39 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def base_params():
-  k = jax.random.split(jax.random.key(0), 3)
+  rng = np.random.default_rng(0)
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
   return {"params": {
-      "fc": {"kernel": jax.random.normal(k[0], (6, 5)), "bias": jnp.zeros((5,))},
-      "conv": {"kernel": jax.random.normal(k[1], (3, 3, 2, 4)).astype(jnp.bfloat16)},
-      "emb": {"embedding": jax.random.normal(k[2], (10, 4))},
+      "fc": {"kernel": normal(6, 5), "bias": jnp.zeros((5,))},
+      "conv": {"kernel": normal(3, 3, 2, 4).astype(jnp.bfloat16)},
+      "emb": {"embedding": normal(10, 4)},
       "layers": [{"w": jnp.ones((4, 4))}]}}
 
 
-CFG = jlora.LoraConfig(rank=2, alpha=3.0, targets=["fc", "conv", "emb"], dora=True, dropout=0.1,
-                       rank_pattern={"emb": 3})
+def adapt(params, ranks, seed=0):
+  """``params`` with random DoRA adapters of ``{module: rank}`` (input-first, scale
+  rank / 2, dropout 0.1), built with NumPy: eager ``jlora.init`` compiles every
+  random op per shape, which costs seconds on 2 busy cores."""
+  rng = np.random.default_rng(seed)
+  out = jax.tree.map(lambda x: x, params)
+  for module, r in ranks.items():
+    node = out["params"][module]
+    name = "embedding" if "embedding" in node else "kernel"
+    k = node[name]
+    dt = k.dtype
+    node.update(lora_a=jnp.asarray(rng.standard_normal(k.shape[:-1] + (r,)), dt),
+                lora_b=jnp.asarray(rng.standard_normal((r, k.shape[-1])), dt),
+                lora_scale=jnp.asarray(r / 2, jnp.float32), lora_dropout=jnp.asarray(0.1, jnp.float32),
+                lora_m=jnp.asarray(rng.uniform(0.5, 2.0, k.shape[-1:]), dt))
+  return out
+
+
+RANKS = {"fc": 2, "conv": 2, "emb": 3}
 
 
 @pytest.fixture(scope="module")
 def adapted():
-  params = jax.jit(lambda p: jlora.init(jax.random.key(1), p, CFG))(base_params())
-  rng = np.random.default_rng(0)
-  return jlora.map_adapters(lambda ad: ad._replace(
-      a=jnp.asarray(rng.standard_normal(ad.a.shape), ad.a.dtype),
-      b=jnp.asarray(rng.standard_normal(ad.b.shape), ad.b.dtype)), params)
+  return adapt(base_params(), RANKS)
 
 
 def _tx(params):
@@ -83,7 +97,7 @@ def test_round_trip_onto_base_and_template(tmp_path, adapted):
   recs = {r["name"]: r for r in ck.metadata["adapters"]}
   assert ck.metadata["jlora_version"] == jlora.__version__
   assert recs["params/emb/embedding"]["rank"] == 3 and recs["params/fc/kernel"]["rank"] == 2
-  assert recs["params/fc/kernel"]["scale"] == 1.5 and recs["params/emb/embedding"]["scale"] == 1.0
+  assert recs["params/fc/kernel"]["scale"] == 1.0 and recs["params/emb/embedding"]["scale"] == 1.5
   assert recs["params/conv/kernel"]["split"] == {"n_stack": 0, "n_in": 3, "out_first": False}
   assert all(r["dora"] and r["init"] == "additive" for r in recs.values())
   assert recs["params/conv/kernel"]["leaves"]["lora_a"]["dtype"] == "bfloat16"
@@ -111,7 +125,7 @@ def test_steps_latest_given_and_keep_last(tmp_path, adapted):
   assert ckpt_lib.steps(tmp_path) == [3, 4]
   assert jlora.load(tmp_path, adapted).metadata["user"] == {"s": 4}
   ck = jlora.load(tmp_path, adapted, step=3)
-  assert ck.step == 3 and float(jlora.adapters(ck.params)[0].scale) == 4.5
+  assert ck.step == 3 and float(jlora.adapters(ck.params)[0].scale) == 3.0
   with pytest.raises(FileNotFoundError, match=r"step 1 not found.*\[3, 4\]"):
     jlora.load(tmp_path, adapted, step=1)
   with pytest.raises(FileNotFoundError, match="no finished checkpoint step"):
@@ -160,11 +174,11 @@ def test_wrong_base_names_the_path_and_both_shapes(tmp_path, adapted, case):
     onto["params"]["conv"]["kernel"] = onto["params"]["conv"]["kernel"].astype(jnp.float32)
     msg = r"'params/conv/kernel' was \(3, 3, 2, 4\) bfloat16 .* \(3, 3, 2, 4\) float32"
   elif case == "rank":
-    onto = jlora.init(jax.random.key(0), base_params(), CFG.__class__(**{**CFG.__dict__, "rank": 1}))
+    onto = adapt(base_params(), {**RANKS, "conv": 1})
     msg = (r"'params/conv/kernel' has lora_a \(3, 3, 2, 2\), lora_b \(2, 4\), lora_m \(4,\), but"
            r" the adapted params have lora_a \(3, 3, 2, 1\), lora_b \(1, 4\), lora_m \(4,\)")
   elif case == "extra_adapter":
-    onto = jlora.init(jax.random.key(0), base_params(), jlora.LoraConfig(rank=1, targets=["w"]))
+    onto = adapt(base_params(), {"fc": 2, "emb": 3})
     msg = r"adapter at 'params/conv/kernel' \(lora_a \(3, 3, 2, 2\).*but the adapted params have none"
   else:
     onto, opt = adapted, jlora.optimizer(optax.sgd(0.1, momentum=0.9), adapted).init(adapted)
@@ -328,12 +342,11 @@ def test_killed_save_keeps_the_previous_step(tmp_path, adapted, mode):
 
 
 _TRAIN = """
-import hashlib, json, sys
+import hashlib
 import jax, jax.numpy as jnp, numpy as np, optax, jlora
-d, n = sys.argv[1], int(sys.argv[2])
 base = {"fc1": {"kernel": jax.random.normal(jax.random.key(0), (8, 16)), "bias": jnp.zeros(16)},
         "fc2": {"kernel": jax.random.normal(jax.random.key(1), (16, 8))}}
-cfg = jlora.LoraConfig(rank=2, alpha=4.0, dora=True, targets=["fc1", "fc2"])
+cfg = jlora.LoraConfig(rank=2, alpha=4.0, targets=["fc1", "fc2"])
 target = jax.random.normal(jax.random.key(9), (8, 8))
 
 def model(p, x):
@@ -346,12 +359,11 @@ def loss_fn(p, step):
 params0 = jlora.init(jax.random.key(2), base, cfg)
 tx = jlora.optimizer(optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
     optax.warmup_cosine_decay_schedule(0.0, 3e-2, 2, 2 * n), weight_decay=1e-2)), params0)
+step = jlora.train_step(loss_fn, tx)
 
 def fresh():  # the step donates its params, frozen kernels included: a copy of the init
   params = jax.tree.map(jnp.copy, params0)
   return params, tx.init(params)
-
-step = jlora.train_step(loss_fn, tx)
 
 def run(params, st, start, stop):
   losses = []
@@ -362,28 +374,35 @@ def run(params, st, start, stop):
 
 def digest(tree):
   return [hashlib.sha256(np.asarray(x).tobytes()).hexdigest() for x in jax.tree.leaves(tree)]
+"""
 
-if sys.argv[3] == "first":  # 2n steps in one go; then, from scratch, n steps and a save
-  params, st, full = run(*fresh(), 0, 2 * n)
-  out = {"full": full, "digest": digest((params, st))}
-  params, st, out["first"] = run(*fresh(), 0, n)
-  jlora.save(d, params, step=n, opt_state=st, metadata={"next_step": n})
-else:  # a new process: the same init, then load and go on
-  params, st = fresh()
-  ck = jlora.load(d, params, opt_state=st)
-  assert ck.step == n and ck.metadata["user"]["next_step"] == n
-  params, st, second = run(ck.params, ck.opt_state, n, 2 * n)
-  out = {"second": second, "digest": digest((params, st))}
-print(json.dumps(out))
+_FIRST_HALF = """
+import json, sys
+import jax
+jax.config.update("jax_default_matmul_precision", sys.argv[3])  # as in the test process
+d, n = sys.argv[1], int(sys.argv[2])
+exec(TRAIN)
+params, st, losses = run(*fresh(), 0, n)
+jlora.save(d, params, step=n, opt_state=st, metadata={"next_step": n})
+print(json.dumps(losses))
 """
 
 
 @pytest.mark.slow
 def test_exact_resume_across_processes(tmp_path):
+  """A child process trains n steps, saves and exits; this process trains 2n steps
+  in one go, then loads the child's step onto a fresh init and trains n more."""
   n = 5
-  out = lambda r: json.loads(r.stdout.strip().splitlines()[-1])
-  first = out(_run(_TRAIN, str(tmp_path), str(n), "first"))
-  second = out(_run(_TRAIN, str(tmp_path), str(n), "second"))
-  assert len(first["full"]) == 2 * n and len(set(first["full"])) == 2 * n
-  assert first["first"] + second["second"] == first["full"]  # every loss, bit for bit
-  assert second["digest"] == first["digest"]  # final params and optimizer state, bit for bit
+  child = f"TRAIN = {_TRAIN!r}\n" + _FIRST_HALF
+  precision = str(jax.config.jax_default_matmul_precision)
+  first = json.loads(_run(child, str(tmp_path), str(n), precision).stdout.strip().splitlines()[-1])
+  scope = {"n": n}
+  exec(_TRAIN, scope)
+  params, st, full = scope["run"](*scope["fresh"](), 0, 2 * n)
+  want = scope["digest"]((params, st))
+  ck = jlora.load(tmp_path, scope["fresh"]()[0], opt_state=scope["fresh"]()[1])
+  assert ck.step == n and ck.metadata["user"]["next_step"] == n
+  params, st, second = scope["run"](ck.params, ck.opt_state, n, 2 * n)
+  assert len(full) == 2 * n and len(set(full)) == 2 * n
+  assert first + second == full  # every loss, bit for bit
+  assert scope["digest"]((params, st)) == want  # final params and optimizer state, bit for bit

@@ -85,6 +85,10 @@ def jax_forward(params, x, img, ids, seq):
   }
 
 
+FORWARD = jax.jit(jlora.lora(jax_forward))  # one compile per adapter structure, shared by tests
+MERGED = jax.jit(lambda params, *x: jax_forward(jlora.merge(params), *x))
+
+
 def to_jax(net):
   """``Net``'s weights in the twin's layouts (plus a leading ``params``; ``block`` a list)."""
   t = {n: m.weight.detach().numpy() for n, m in net.named_modules() if hasattr(m, "weight")}
@@ -206,35 +210,28 @@ def test_load_peft_reproduces_adapted_and_merged_outputs(tmp_path, base, case):
     assert ad.rank == layer.r["default"], n
   merged = _torch_out(pm.merge_and_unload(), inputs)
   x = _jax_inputs(inputs)
-  _close(jax.jit(jlora.lora(jax_forward))(params, *x), adapted, "factored vs PEFT adapted")
-  _close(jax.jit(lambda p: jax_forward(jlora.merge(p), *x))(params), merged,
-         "jlora.merge vs PEFT merge_and_unload")
-
-
-def _jlora_cfg(case):
-  c = CASES[case]
-  to_regex = lambda pat: {rf"(^|/){re.escape(k).replace('.', '/')}/[^/]+$": v
-                          for k, v in (pat or {}).items()}
-  return jlora.LoraConfig(
-      rank=c["r"], alpha=c["lora_alpha"], rslora=c.get("use_rslora", False),
-      dora=c.get("use_dora", False), targets=[m.replace(".", "/") for m in MODULES],
-      rank_pattern=to_regex(c.get("rank_pattern")), alpha_pattern=to_regex(c.get("alpha_pattern")))
+  _close(FORWARD(params, *x), adapted, "factored vs PEFT adapted")
+  _close(MERGED(params, *x), merged, "jlora.merge vs PEFT merge_and_unload")
 
 
 def test_save_peft_loads_in_peft(tmp_path, base):
-  """DoRA, rsLoRA, rank and alpha patterns, every module kind and layout, from
-  ``jlora.init(fn=...)``; PEFT's scale per module must come out as jlora's."""
+  """jlora -> PEFT: every module kind and layout, DoRA, ranks from 2 to 6 and a
+  different scale on every module (alpha_pattern entries), from an adapted tree
+  with new random factors."""
   inputs = _inputs()
   x = _jax_inputs(inputs)
   jbase = to_jax(base)
-  params = randomize(init(jbase, _jlora_cfg("dora_rslora_patterns"), jax_forward, *x), 1)
+  _peft_model(base, "dora_rslora_patterns").save_pretrained(tmp_path / "src")
+  factors = iter(np.linspace(0.5, 1.7, len(MODULES)))
+  params = jlora.map_adapters(lambda ad: ad._replace(scale=ad.scale * next(factors)),
+                              randomize(jlora.load_peft(tmp_path / "src", jbase), 1))
   config = jlora.save_peft(tmp_path, params, base_model_name_or_path="tiny-net")
   assert config["fan_in_fan_out"] is False and config["base_model_name_or_path"] == "tiny-net"
+  assert len(config["alpha_pattern"]) >= len(MODULES) - 1 and config["use_dora"]
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
-  ours = jax.jit(jlora.lora(jax_forward))(params, *x)
-  _close(_torch_out(loaded, inputs), ours, "PEFT from_pretrained vs jlora.lora")
+  _close(_torch_out(loaded, inputs), FORWARD(params, *x), "PEFT from_pretrained vs jlora.lora")
   # PEFT adapted exactly these modules (a list target_modules would also take "fc" for "sub.fc")
   assert sorted(n for n, m in loaded.named_modules() if hasattr(m, "lora_A")) == sorted(
       "base_model.model." + m for m in MODULES)
@@ -243,10 +240,9 @@ def test_save_peft_loads_in_peft(tmp_path, base):
         float(ad.scale), rel=1e-6), n
   again = jlora.load_peft(tmp_path, jbase)  # and back: the same leaves
   for a, b in zip(jlora.adapters(again), jlora.adapters(params)):
-    assert a.name == b.name
+    assert a.name == b.name and float(a.scale) == pytest.approx(float(b.scale), rel=1e-6)
     for f in ("a", "b", "m"):
-      if getattr(b, f) is not None:
-        np.testing.assert_allclose(getattr(a, f), getattr(b, f), rtol=1e-6, err_msg=a.name)
+      np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=a.name)
 
 
 def test_template_fixes_the_layout_of_a_square_torch_kernel(tmp_path, base):
@@ -261,7 +257,7 @@ def test_template_fixes_the_layout_of_a_square_torch_kernel(tmp_path, base):
   template = init(jbase, jlora.LoraConfig(rank=4, targets=["sq_t"]), jax_forward, *x)
   params = jlora.load_peft(tmp_path, template)
   assert jlora.adapters(params)[0].out_first
-  _close(jax.jit(jlora.lora(jax_forward))(params, *x), _torch_out(pm, inputs), "template", ["sq_t"])
+  _close(FORWARD(params, *x), _torch_out(pm, inputs), "template", ["sq_t"])
   on_base = jlora.load_peft(tmp_path, jbase)
   assert not jlora.adapters(on_base)[0].out_first  # documented: the shapes cannot tell
 
@@ -321,7 +317,7 @@ def test_pissa_exports_a_plain_rank_2r_adapter_for_the_original_base(tmp_path, b
   config = jlora.save_peft(tmp_path, params)
   assert config["r"] == 4 and config["lora_alpha"] == 4  # rank 2r, scale 1
   loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()  # the original base
-  _close(_torch_out(loaded, inputs), jax.jit(jlora.lora(jax_forward))(params, *x), "PiSSA export",
+  _close(_torch_out(loaded, inputs), FORWARD(params, *x), "PiSSA export",
          ["fc", "conv", "gpt2"])
 
 
