@@ -344,10 +344,12 @@ def test_killed_save_keeps_the_previous_step(tmp_path, adapted, mode):
 _TRAIN = """
 import hashlib
 import jax, jax.numpy as jnp, numpy as np, optax, jlora
-base = {"fc1": {"kernel": jax.random.normal(jax.random.key(0), (8, 16)), "bias": jnp.zeros(16)},
-        "fc2": {"kernel": jax.random.normal(jax.random.key(1), (16, 8))}}
+rng = np.random.default_rng(0)  # NumPy and one jit: eager jax ops compile one by one
+base = {"fc1": {"kernel": jnp.asarray(rng.standard_normal((8, 16)), jnp.float32),
+                "bias": jnp.zeros(16)},
+        "fc2": {"kernel": jnp.asarray(rng.standard_normal((16, 8)), jnp.float32)}}
 cfg = jlora.LoraConfig(rank=2, alpha=4.0, targets=["fc1", "fc2"])
-target = jax.random.normal(jax.random.key(9), (8, 8))
+target = jnp.asarray(rng.standard_normal((8, 8)), jnp.float32)
 
 def model(p, x):
   return jnp.tanh(x @ p["fc1"]["kernel"] + p["fc1"]["bias"]) @ p["fc2"]["kernel"]
@@ -356,7 +358,7 @@ def loss_fn(p, step):
   x = jax.random.normal(jax.random.fold_in(jax.random.key(3), step), (16, 8))
   return jnp.mean((jlora.lora(model)(p, x) - x @ target) ** 2)
 
-params0 = jlora.init(jax.random.key(2), base, cfg)
+params0 = jax.jit(lambda b: jlora.init(jax.random.key(2), b, cfg))(base)
 tx = jlora.optimizer(optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
     optax.warmup_cosine_decay_schedule(0.0, 3e-2, 2, 2 * n), weight_decay=1e-2)), params0)
 step = jlora.train_step(loss_fn, tx)
