@@ -165,7 +165,6 @@ def _torch_out(model, inputs):
 
 CASES = {
     "plain": dict(r=4, lora_alpha=8),
-    "dora": dict(r=4, lora_alpha=6, use_dora=True),
     # PEFT's pattern keys match a module suffix: "fc" also reaches "sub.fc" and
     # "fc_t"? no: (.*\.)?(fc)$ needs the whole last name; "0" reaches "block.0".
     "rslora_patterns": dict(r=4, lora_alpha=8, use_rslora=True,
@@ -191,8 +190,10 @@ def _peft_model(base, case, targets=MODULES, seed=3):
   return pm.eval()
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", ["rslora_patterns", "dora_rslora_patterns"])
 def test_load_peft_reproduces_adapted_and_merged_outputs(tmp_path, base, case):
+  """PEFT -> jlora, every module kind and layout; rsLoRA with rank and alpha
+  patterns, without and with DoRA (each compile of the twin costs seconds here)."""
   inputs = _inputs()
   pm = _peft_model(base, case)
   adapted = _torch_out(pm, inputs)
