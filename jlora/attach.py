@@ -115,8 +115,9 @@ def attach(params, loaded: Sequence[Loaded], what: str):
     adapters come or go.
 
   Raises:
-    ValueError: a kernel is missing, the adapter does not fit it, or an adapted
-      ``params`` is adapted differently; the message names the path and shapes.
+    ValueError: an adapted ``params`` is adapted differently (the message names the
+      path and both shapes). The loaders check beforehand that every kernel is
+      there and fits its adapter.
   """
   flat = tree_lib.flatten(params)
   found = adapter_lib.find(flat)
@@ -124,17 +125,13 @@ def attach(params, loaded: Sequence[Loaded], what: str):
   owned = {p for roles in found.values() for p in roles.values()}
   out = {p: v for p, v in flat.items() if p not in owned}
   for l in loaded:
-    if l.path not in flat:
-      raise ValueError(
-          f"{what} has an adapter ({shape_text(l.leaves)}) for a kernel at {l.name!r},"
-          " but params has no leaf there. Pass the base the adapter was trained on.")
-    leaf = flat[l.path]
+    leaf = flat[l.path]  # the loaders check that every kernel is there
     w = tree_lib.value(leaf)
     mine = {r: tree_lib.value(flat[p]) for r, p in found.get(l.path, {}).items()}
     leaves = {r: (v.astype(mine[r].dtype) if r in mine else v) for r, v in l.leaves.items()}
     if "lora_dropout" in mine and "lora_dropout" not in leaves:
       leaves["lora_dropout"] = mine["lora_dropout"]
-    ad = _adapter(l.path, w, leaves, what)
+    ad = _adapter(l.path, w, leaves)
     out[l.path] = tree_lib.rewrap(leaf, _kernel(w, ad.split, mine, leaves))
     where = adapter_lib.role_paths(l.path)
     for role, arr in _place(w, leaves).items():
@@ -144,18 +141,10 @@ def attach(params, loaded: Sequence[Loaded], what: str):
   return tree_lib.unflatten(out, params)
 
 
-def _adapter(path: Path, w, leaves: dict, what: str) -> Adapter:
+def _adapter(path: Path, w, leaves: dict) -> Adapter:
   ad = Adapter(path, w, leaves["lora_a"], leaves["lora_b"], leaves["lora_scale"],
                leaves.get("lora_m"), leaves.get("lora_dropout"))
-  try:
-    adapter_lib.check_layout(ad)
-  except ValueError as e:
-    raise ValueError(f"{what}: {e}") from None
-  for role, like in (("lora_a0", ad.a), ("lora_b0", ad.b)):
-    if role in leaves and np.shape(leaves[role]) != np.shape(like):
-      raise ValueError(f"{what}: {role} of {ad.name!r} has shape {np.shape(leaves[role])};"
-                       f" it must be shaped like {'lora_a' if role == 'lora_a0' else 'lora_b'}"
-                       f" {np.shape(like)}.")
+  adapter_lib.check_layout(ad)
   return ad
 
 

@@ -40,7 +40,6 @@ r"layers.\\2.\\1", m).replace("/", ".")``.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -51,6 +50,7 @@ from jlora import adapter as adapter_lib
 from jlora import tree as tree_lib
 from jlora.adapter import Adapter, Split
 from jlora.attach import Loaded
+from jlora.targets import _first_match  # kinds work like LoraConfig's patterns
 from jlora.tree import Path, path_str
 
 KINDS = ("linear", "conv", "embedding")
@@ -189,13 +189,6 @@ def mapper(key_map: KeyMap, default: Callable[[str], str]) -> Callable[[str], st
   if callable(key_map):
     return key_map
   raise TypeError(f"key_map must be a dict, a callable or None; got {type(key_map).__name__}.")
-
-
-def _first_match(patterns, name: str):
-  for key, v in (patterns or {}).items():
-    if re.search(key, name):
-      return v
-  return None
 
 
 def kind_of(ad: Adapter, kinds: Mapping[str, str] | None = None) -> str:
@@ -400,9 +393,6 @@ def _from_file(kp: Path, flat, found, layers: dict, modules, what: str) -> Loade
     try:
       if split is None:
         raise ValueError("no in/out split of the kernel fits it")
-      if split.out_first and adapter_lib.is_ambiguous(split, shape, t.rank):
-        raise ValueError("it is full-rank on an output-first kernel, which jlora cannot"
-                         " tell from an input-first one")
       per_layer.append((from_torch(t, split, shape), t))
     except ValueError as e:
       raise ValueError(

@@ -132,15 +132,26 @@ def test_steps_latest_given_and_keep_last(tmp_path, adapted):
     jlora.load(tmp_path / "none", adapted)
 
 
-def test_save_refuses_old_steps_bad_metadata_and_no_adapters(tmp_path, adapted):
+def test_save_refuses_old_steps_bad_metadata_and_no_adapters(tmp_path, adapted, monkeypatch):
   jlora.save(tmp_path, adapted, step=5)
   for s in (5, 3):  # orbax itself would skip the save and say nothing
     with pytest.raises(ValueError, match="steps must increase"):
       jlora.save(tmp_path, adapted, step=s)
+  for s in (-1, True, 2.0):
+    with pytest.raises(ValueError, match="step must be an int >= 0"):
+      jlora.save(tmp_path, adapted, step=s)
   with pytest.raises(TypeError, match="JSON-serialisable"):
     jlora.save(tmp_path, adapted, step=6, metadata={"x": np.float32(1)})
+  with pytest.raises(TypeError, match="metadata must be a dict"):
+    jlora.save(tmp_path, adapted, step=6, metadata=[1])
   with pytest.raises(ValueError, match="no adapters"):
     jlora.save(tmp_path, base_params(), step=6)
+  odd_key = {2.5: adapted["params"]["fc"]}
+  with pytest.raises(TypeError, match="its key 2.5 is neither a str nor an int"):
+    jlora.save(tmp_path, odd_key, step=6)
+  monkeypatch.setattr(ckpt_lib.ocp.CheckpointManager, "save", lambda *a, **k: False)
+  with pytest.raises(ValueError, match="orbax declined to save step 6"):
+    jlora.save(tmp_path, adapted, step=6)
   assert sorted(os.listdir(tmp_path)) == ["5"]
 
 
@@ -160,7 +171,8 @@ def test_loaded_leaves_are_placed_like_their_kernels(tmp_path, adapted):
       assert leaf.committed and leaf.sharding == ad.kernel.sharding, ad.name
 
 
-@pytest.mark.parametrize("case", ["missing", "shape", "dtype", "rank", "extra_adapter", "opt"])
+@pytest.mark.parametrize("case", ["missing", "shape", "dtype", "rank", "extra_adapter",
+                                  "missing_adapter", "opt", "opt_shape"])
 def test_wrong_base_names_the_path_and_both_shapes(tmp_path, adapted, case):
   jlora.save(tmp_path, adapted, step=1, opt_state=_tx(adapted).init(adapted))
   onto, opt = base_params(), None
@@ -180,9 +192,19 @@ def test_wrong_base_names_the_path_and_both_shapes(tmp_path, adapted, case):
   elif case == "extra_adapter":
     onto = adapt(base_params(), {"fc": 2, "emb": 3})
     msg = r"adapter at 'params/conv/kernel' \(lora_a \(3, 3, 2, 2\).*but the adapted params have none"
-  else:
+  elif case == "missing_adapter":
+    onto = adapt(base_params(), RANKS)
+    onto["params"]["layers"][0].update(w_lora_a=jnp.ones((4, 1)), w_lora_b=jnp.ones((1, 4)),
+                                       w_lora_scale=jnp.ones(()))
+    msg = r"adapted params have an adapter at 'params/layers/0/w' that checkpoint step 1 .* lacks"
+  elif case == "opt":
     onto, opt = adapted, jlora.optimizer(optax.sgd(0.1, momentum=0.9), adapted).init(adapted)
     msg = r"optimizer state of \d+ leaves; the opt_state template has \d+"
+  else:
+    other = adapt(base_params(), {**RANKS, "conv": 1})
+    onto, opt = adapted, _tx(other).init(other)
+    msg = (r"optimizer state leaf \[1\]\[0\]\.mu\['params'\]\['conv'\]\['lora_a'\] is"
+           r" \(3, 3, 2, 2\) bfloat16 on disk .* but \(3, 3, 2, 1\) bfloat16 in the template")
   with pytest.raises(ValueError, match=msg):
     jlora.load(tmp_path, onto, opt_state=opt)
 
@@ -261,6 +283,8 @@ def _corrupt(step_dir, how):
       f.unlink()
   elif how == "garbage_meta":
     (step_dir / "meta" / "metadata").write_text("{not json")
+  elif how == "foreign_meta":
+    (step_dir / "meta" / "metadata").write_text('{"format": "something-else"}')
   elif how == "delete_adapters":
     shutil.rmtree(step_dir / "adapters")
   elif how == "empty_dir":
@@ -269,7 +293,7 @@ def _corrupt(step_dir, how):
 
 
 @pytest.mark.parametrize("how", ["truncate_data", "flip_byte", "delete_data", "delete_manifest",
-                                 "garbage_meta", "delete_adapters", "empty_dir"])
+                                 "garbage_meta", "foreign_meta", "delete_adapters", "empty_dir"])
 def test_corrupted_step_raises_naming_the_step(tmp_path, adapted, how):
   first = jlora.scale(adapted, 2.0)
   jlora.save(tmp_path, first, step=1)
@@ -280,6 +304,19 @@ def test_corrupted_step_raises_naming_the_step(tmp_path, adapted, how):
                        match=r"checkpoint step 2 in .* is corrupted or incomplete.* Other steps: \[1\]"):
       jlora.load(tmp_path, base_params())
     assert _bitwise(jlora.load(tmp_path, base_params(), step=1).params, first)
+
+
+def test_optimizer_state_checksum_names_its_leaf(tmp_path, adapted):
+  """The state's tiny arrays share a file with orbax's own structures, where a
+  flipped byte makes orbax fail (DATA_LOSS); here the recorded digest disagrees."""
+  jlora.save(tmp_path, adapted, step=1, opt_state=_state(adapted))
+  meta_file = tmp_path / "1" / "meta" / "metadata"
+  meta = json.loads(meta_file.read_text())
+  meta["opt_state"][2]["sha256"] = "0" * 64
+  meta_file.write_text(json.dumps(meta))
+  with pytest.raises(jlora.CorruptCheckpointError,
+                     match=r"step 1 .*: optimizer state leaf \[1\]\[0\]\.mu.* fails its SHA-256 check"):
+    jlora.load(tmp_path, adapted, opt_state=_tx(adapted).init(adapted))
 
 
 # ---------------------------------------------------------------------------
