@@ -26,10 +26,9 @@ from jlora.transform import init
 __version__ = "0.2.0"
 
 __all__ = [
-    "Adapter", "adapter_bytes", "adapters", "analysis", "Checkpoint", "combine",
-    "CorruptCheckpointError", "count_params", "deltas", "init", "load", "load_peft",
-    "load_sd_lora", "lora", "LoraConfig", "LoraFallbackWarning", "map_adapters", "merge",
-    "optimizer", "ParamCount", "partition", "save", "save_peft", "save_sd_lora", "scale",
-    "Split", "split_trainable", "summary", "train_step", "trainable_mask", "unmerge",
-    "value_and_grad",
+    "Adapter", "Checkpoint", "CorruptCheckpointError", "LoraConfig", "LoraFallbackWarning",
+    "ParamCount", "Split", "adapter_bytes", "adapters", "analysis", "combine", "count_params",
+    "deltas", "init", "load", "load_peft", "load_sd_lora", "lora", "map_adapters", "merge",
+    "optimizer", "partition", "save", "save_peft", "save_sd_lora", "scale", "split_trainable",
+    "summary", "train_step", "trainable_mask", "unmerge", "value_and_grad",
 ]
