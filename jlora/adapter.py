@@ -12,8 +12,9 @@ matrices side by side. Only a *complete* adapter counts: kernel, ``lora_a``,
 
 **Layout.** A kernel's axes are ``stack + in + out`` (stack axes index the layers
 of an ``nn.scan``; inputs are the axes the model contracts), or ``stack + out +
-in`` for kernels stored output-first, like transformers' GPT-2 ``Conv1D`` (``(out,
-in)``, used as ``x @ kernel.T``). The adapter follows the kernel:
+in`` for kernels stored output-first, like a torch ``nn.Linear`` weight (``(out,
+in)``, used as ``x @ kernel.T``; GPT-2's ``Conv1D`` weight is ``(in, out)``, used as
+``x @ kernel``: input-first). The adapter follows the kernel:
 
 * ``lora_a`` is the kernel with its output axes replaced by one rank axis:
   ``stack + in + (r,)``, or ``stack + (r,) + in`` output-first;

@@ -165,8 +165,8 @@ def _torch_out(model, inputs):
 
 CASES = {
     "plain": dict(r=4, lora_alpha=8),
-    # PEFT's pattern keys match a module suffix: "fc" also reaches "sub.fc" and
-    # "fc_t"? no: (.*\.)?(fc)$ needs the whole last name; "0" reaches "block.0".
+    # PEFT's pattern keys match whole trailing names, (.*\.)?(key)$: "fc" reaches
+    # "fc" and "sub.fc" but not "fc_t"; "0" reaches "block.0".
     "rslora_patterns": dict(r=4, lora_alpha=8, use_rslora=True,
                             rank_pattern={"conv": 2, "gpt2": 3, "block.0": 5, "sub.fc": 1},
                             alpha_pattern={"fc": 3.0, "emb": 5, "0": 7}),
