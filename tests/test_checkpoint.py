@@ -292,6 +292,7 @@ def _corrupt(step_dir, how):
     step_dir.mkdir()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's loop at exit
 @pytest.mark.parametrize("how", ["truncate_data", "flip_byte", "delete_data", "delete_manifest",
                                  "garbage_meta", "foreign_meta", "delete_adapters", "empty_dir"])
 def test_corrupted_step_raises_naming_the_step(tmp_path, adapted, how):
