@@ -11,20 +11,24 @@ The whole train path, in four modules:
 from jlora import analysis
 from jlora.adapter import Adapter, Split, adapters
 from jlora.apply import LoraFallbackWarning, lora
+from jlora.checkpoint import Checkpoint, CorruptCheckpointError, load, save
 from jlora.config import LoraConfig
 from jlora.edit import map_adapters, scale
 from jlora.merge import deltas, merge, unmerge
 from jlora.optim import (optimizer, split_trainable, train_step, trainable_mask,
                          value_and_grad)
 from jlora.partition import combine, partition
+from jlora.peft import load_peft, save_peft
+from jlora.sd_lora import load_sd_lora, save_sd_lora
 from jlora.summary import ParamCount, adapter_bytes, count_params, summary
 from jlora.transform import init
 
 __version__ = "0.2.0"
 
 __all__ = [
-    "Adapter", "LoraConfig", "LoraFallbackWarning", "ParamCount", "Split", "adapter_bytes",
-    "adapters", "analysis", "combine", "count_params", "deltas", "init", "lora",
-    "map_adapters", "merge", "optimizer", "partition", "scale", "split_trainable",
+    "Adapter", "Checkpoint", "CorruptCheckpointError", "LoraConfig", "LoraFallbackWarning",
+    "ParamCount", "Split", "adapter_bytes", "adapters", "analysis", "combine", "count_params",
+    "deltas", "init", "load", "load_peft", "load_sd_lora", "lora", "map_adapters", "merge",
+    "optimizer", "partition", "save", "save_peft", "save_sd_lora", "scale", "split_trainable",
     "summary", "train_step", "trainable_mask", "unmerge", "value_and_grad",
 ]

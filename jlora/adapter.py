@@ -3,7 +3,7 @@
 An adapter lives in the same mapping as its kernel. For a leaf named ``kernel``
 or ``embedding`` (the weight of a Flax Dense, DenseGeneral, Conv, Einsum or Embed
 module) its siblings are ``lora_a``, ``lora_b``, ``lora_scale`` and, where used,
-``lora_m`` and ``lora_dropout``. For any other leaf name ``w`` they are
+``lora_m``, ``lora_dropout`` and ``lora_a0``/``lora_b0`` (residual inits). For any other leaf name ``w`` they are
 ``w_lora_a``, ``w_lora_b`` and so on, so a plain dict may hold several adapted
 matrices side by side. Only a *complete* adapter counts: kernel, ``lora_a``,
 ``lora_b`` and ``lora_scale`` together. A user leaf that merely ends in
@@ -12,8 +12,9 @@ matrices side by side. Only a *complete* adapter counts: kernel, ``lora_a``,
 
 **Layout.** A kernel's axes are ``stack + in + out`` (stack axes index the layers
 of an ``nn.scan``; inputs are the axes the model contracts), or ``stack + out +
-in`` for kernels stored output-first, like transformers' GPT-2 ``Conv1D`` (``(out,
-in)``, used as ``x @ kernel.T``). The adapter follows the kernel:
+in`` for kernels stored output-first, like a torch ``nn.Linear`` weight (``(out,
+in)``, used as ``x @ kernel.T``; GPT-2's ``Conv1D`` weight is ``(in, out)``, used as
+``x @ kernel``: input-first). The adapter follows the kernel:
 
 * ``lora_a`` is the kernel with its output axes replaced by one rank axis:
   ``stack + in + (r,)``, or ``stack + (r,) + in`` output-first;
@@ -44,7 +45,12 @@ from jlora.tree import Path, path_str
 
 #: Adapter leaf roles.
 TRAINABLE_ROLES = ("lora_a", "lora_b", "lora_m")
-CONSTANT_ROLES = ("lora_scale", "lora_dropout")
+#: PiSSA and OLoRA move part of the kernel into the adapter: the tree's kernel is
+#: ``W - A0 @ B0`` (canonical matrices, scale folded into ``A0``), and ``lora_a0``/
+#: ``lora_b0`` (float32, laid out like ``lora_a``/``lora_b``) keep that part, so the
+#: original ``W`` can be rebuilt and a saved adapter put onto the original base.
+RESIDUAL_ROLES = ("lora_a0", "lora_b0")
+CONSTANT_ROLES = ("lora_scale", "lora_dropout") + RESIDUAL_ROLES
 ROLES = TRAINABLE_ROLES + CONSTANT_ROLES
 #: The roles every adapter has.
 REQUIRED_ROLES = ("lora_a", "lora_b", "lora_scale")

@@ -58,6 +58,30 @@ def merged_kernel(ad: Adapter):
   return v.astype(ad.kernel.dtype)
 
 
+def residual_kernel(w, split: Split, a0, b0):
+  """``W - A0 @ B0`` on the canonical matrices, computed in float32, in ``W``'s dtype.
+
+  The kernel a residual init (PiSSA, OLoRA) leaves in the tree; ``a0``/``b0`` are
+  its ``lora_a0``/``lora_b0`` leaves (scale folded into ``a0``). ``jlora.init`` and
+  the loaders that put a saved adapter onto the original base both call this, so
+  the same ``W`` gives the same residual bit for bit.
+  """
+  return _add_low_rank(w, split, a0, b0, -1.0)
+
+
+def original_kernel(w, split: Split, a0, b0):
+  """The original ``W`` of a residual kernel: ``W_res + A0 @ B0``, up to rounding."""
+  return _add_low_rank(w, split, a0, b0, 1.0)
+
+
+def _add_low_rank(w, split: Split, a0, b0, sign: float):
+  w = jnp.asarray(w)
+  a2 = split.a_matrix(jnp.asarray(a0, jnp.float32))
+  b2 = split.b_matrix(jnp.asarray(b0, jnp.float32))
+  w2 = split.kernel_matrix(w.astype(jnp.float32)) + sign * (a2 @ b2)
+  return split.kernel_from_matrix(w2, w.shape).astype(w.dtype)
+
+
 def merge(params):
   """The base-structured tree with every adapter folded into its kernel.
 

@@ -8,6 +8,8 @@ For a kernel with stack, input and output shapes ``S``, ``I``, ``O`` (see
 * ``lora_scale``: ``S``, float32, the constant ``s``;
 * ``lora_m``: ``S + O`` with DoRA, the column norm ``‖W‖`` over the input axes;
 * ``lora_dropout``: ``S``, float32, the rate, when the config asks for dropout;
+* ``lora_a0``, ``lora_b0``: float32, shaped like ``lora_a``/``lora_b``, for the
+  residual inits (``merge.residual_kernel``);
 
 so that ``delta = s · A₂ @ B₂`` on the canonical matrices, per stacked layer.
 """
@@ -25,7 +27,7 @@ from jlora import split as split_lib
 from jlora import targets as targets_lib
 from jlora import tree as tree_lib
 from jlora.config import LoraConfig
-from jlora.merge import column_norm
+from jlora.merge import column_norm, residual_kernel
 from jlora.sharding import placed_like
 
 
@@ -46,7 +48,10 @@ def init(key, params, cfg: LoraConfig, *, fn=None, args=(), kwargs=None):
   Returns:
     A new tree. With ``init="pissa"`` or ``"olora"`` the targeted kernels hold the
     residual ``W - s · A @ B``, so the returned tree (not the old base) is the one
-    to train, save and merge; ``merge`` of it gives back ``W`` up to rounding.
+    to train, save and merge; ``merge`` of it gives back ``W`` up to rounding. The
+    subtracted part is kept as ``lora_a0 = s · A`` and ``lora_b0 = B`` (float32
+    constants), which is what lets ``jlora.load`` put a saved adapter onto the
+    original base and ``jlora.save_peft`` export a plain LoRA.
 
   Raises:
     ValueError: no kernel matched (the message lists candidates), a rank outside
@@ -82,10 +87,12 @@ def _init_one(key, w, t: targets_lib.Target, cfg: LoraConfig):
   dtype = jnp.dtype(cfg.dtype) if cfg.dtype is not None else w.dtype
   fan_in, fan_out = math.prod(ins), math.prod(outs)
   ka, kb = jax.random.split(key)
+  residual = {}
   if cfg.init in ("pissa", "olora"):
-    w2 = split.kernel_matrix(w.astype(jnp.float32))
-    a2, b2 = _from_weight(cfg.init, w2, r, s)
-    w = split.kernel_from_matrix(w2 - s * (a2 @ b2), shape).astype(w.dtype)
+    a2, b2 = _from_weight(cfg.init, split.kernel_matrix(w.astype(jnp.float32)), r, s)
+    residual = {"lora_a0": split.a_from_matrix(s * a2, shape),
+                "lora_b0": split.b_from_matrix(b2, shape)}
+    w = residual_kernel(w, split, residual["lora_a0"], residual["lora_b0"])
   elif t.kind == "embed":  # PEFT/loralib: A = 0, B ~ N(0, 1) for embeddings
     a2 = jnp.zeros(stack + (fan_in, r), jnp.float32)
     b2 = jax.random.normal(kb, stack + (r, fan_out), jnp.float32)
@@ -107,7 +114,7 @@ def _init_one(key, w, t: targets_lib.Target, cfg: LoraConfig):
     leaves["lora_m"] = column_norm(v, split).astype(dtype)
   if cfg.dropout > 0:
     leaves["lora_dropout"] = jnp.full(stack, cfg.dropout, jnp.float32)
-  return w, leaves
+  return w, {**leaves, **residual}
 
 
 def _from_weight(how: str, w2, r: int, s: float):

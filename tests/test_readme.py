@@ -39,3 +39,27 @@ def test_package_installs_jlora_only():
   found = setuptools.find_packages(where=str(root), include=include)
   assert found and all(p == "jlora" or p.startswith("jlora.") for p in found), found
   assert cfg["project"]["requires-python"] == ">=3.11"
+
+
+def test_saving_sharing_loading_snippets_run(tmp_path, monkeypatch):
+  text = README.read_text()
+  section = re.search(r"## Saving, sharing and loading adapters\n(.*?)\n## ", text, re.S).group(1)
+  blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+  assert len(blocks) == 3
+  monkeypatch.chdir(tmp_path)
+  scope: dict = {}
+  for i, code in enumerate(blocks):
+    exec(compile(code, f"README-saving-{i}", "exec"), scope)
+  ck = scope["ck"]
+  assert ck.step == 3 and ck.metadata["user"] == {"lr": 1e-2}
+  assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["2", "3"]
+  assert (tmp_path / "peft_adapter" / "adapter_config.json").exists()
+  # every form gives back the adapters that were saved
+  saved = {ad.name: ad for ad in jlora.adapters(ck.params)}
+  for tree in (scope["params"], scope["unet_params"]):
+    got = jlora.adapters(tree)
+    assert sorted(ad.name for ad in got) == sorted(saved) == ["params/fc1/kernel", "params/fc2/kernel"]
+    for ad in got:
+      for f in ("a", "b", "scale"):
+        np.testing.assert_allclose(getattr(ad, f), getattr(saved[ad.name], f), rtol=1e-6)
+  assert scope["skipped"] == []
