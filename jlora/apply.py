@@ -479,12 +479,59 @@ def _dot_general(eqn, ins, walker: _Factored):
   u = jnp.reshape(u, [sizes[lab] for lab in b_labels + x_free + q_free])
   u_labels = b_labels + x_free + q_free
   y_lora = jnp.transpose(u, [u_labels.index(lab) for lab in target])
-  y = jax.lax.dot_general(*((k.base(), x) if kernel_left else (x, k.base())),
-                          eqn.params["dimension_numbers"], **kw)
+  y = _base_product(eqn, k, x, kernel_left, kw)
   if k.ad.m is not None:
     f = _dora_factor(k, target, y.dtype)
     y, y_lora = y * f, y_lora * f
   return y + y_lora.astype(y.dtype)
+
+
+def _base_product(eqn, k: _Kernel, x, kernel_left: bool, kw: dict):
+  """The frozen product ``dot_general(x, W)`` of ``eqn``, as one plain matrix product.
+
+  Where the stored kernel reads as ``stack + (C, N)`` or ``stack + (N, C)`` by a reshape
+  alone (its batch axes lead, and its contracted and free axes each form one run, as in
+  Dense, q/k/v ``(d, heads, head_dim)`` and out ``(heads, head_dim, d)`` kernels), ``x`` is
+  laid out ``(stack?, T, C)`` to match and multiplied with that view of the stored kernel.
+  The model's own ``dot_general`` on the multi-axis kernel instead made XLA:CPU copy every
+  q/k/v/out kernel into another layout on every step (13 kernel-sized float32 copies on
+  ``experiments.bench``'s transformer). Any other layout runs the equation as written.
+
+  Returns the product in ``eqn``'s output layout.
+  """
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  (kc, kb, xc, xb) = (lc, lb, rc, rb) if kernel_left else (rc, rb, lc, lb)
+  c_labels = [k.axes[i] for i in kc]
+  b_labels = [k.axes[i] for i in kb]
+  k_free = [lab for lab in k.axes if lab not in c_labels and lab not in b_labels]
+  stored = k.stored
+  nb = len(b_labels)
+  roles = ["b" if lab in b_labels else "c" if lab in c_labels else "f" for lab in stored]
+  runs = (["c"] * len(c_labels) + ["f"] * len(k_free), ["f"] * len(k_free) + ["c"] * len(c_labels))
+  if not k_free or roles[:nb] != ["b"] * nb or roles[nb:] not in runs:
+    return jax.lax.dot_general(*((k.base(), x) if kernel_left else (x, k.base())),
+                               eqn.params["dimension_numbers"], **kw)
+  c_first = roles[nb] == "c"
+  s_b, s_c, s_f = stored[:nb], [lab for lab in stored if lab in c_labels], \
+      [lab for lab in stored if lab in k_free]
+  x_of = dict(zip(c_labels + b_labels, list(xc) + list(xb)))   # kernel label -> x axis
+  x_free = [i for i in range(x.ndim) if i not in x_of.values()]
+  size = dict(zip(stored, np.shape(k.ad.kernel)))
+  prod = lambda labs: math.prod(size[lab] for lab in labs)
+  lead = [prod(s_b)] if nb else []
+  x_sizes = [np.shape(x)[i] for i in x_free]
+  # x keeps its free axes apart (the product has the rank of the model's own).
+  x2 = jnp.reshape(jnp.transpose(x, [x_of[lab] for lab in s_b] + x_free + [x_of[lab] for lab in s_c]),
+                   lead + x_sizes + [prod(s_c)])
+  w2 = jnp.reshape(k.ad.kernel, lead + ([prod(s_c), prod(s_f)] if c_first else
+                                        [prod(s_f), prod(s_c)])).astype(k.dtype)
+  batch = ((0,), (0,)) if nb else ((), ())
+  y = jax.lax.dot_general(x2, w2, (((x2.ndim - 1,), (nb if c_first else nb + 1,)), batch), **kw)
+  y_labels = s_b + [("x", i) for i in x_free] + s_f
+  y = jnp.reshape(y, [size[lab] for lab in s_b] + x_sizes + [size[lab] for lab in s_f])
+  x_labels = [("x", i) for i in x_free]
+  target = b_labels + (k_free + x_labels if kernel_left else x_labels + k_free)
+  return jnp.transpose(y, [y_labels.index(lab) for lab in target])
 
 
 def _dora_factor(k: _Kernel, labels, dtype):
