@@ -17,6 +17,8 @@ from jlora.merge import deltas, merge, unmerge
 from jlora.optim import (optimizer, split_trainable, train_step, trainable_mask,
                          value_and_grad)
 from jlora.partition import combine, partition
+from jlora.quant import Quantized
+from jlora.quantize import quantize
 from jlora.summary import ParamCount, adapter_bytes, count_params, summary
 from jlora.transform import init
 
@@ -25,6 +27,6 @@ __version__ = "0.2.0"
 __all__ = [
     "Adapter", "LoraConfig", "LoraFallbackWarning", "ParamCount", "Split", "adapter_bytes",
     "adapters", "analysis", "combine", "count_params", "deltas", "init", "lora",
-    "map_adapters", "merge", "optimizer", "partition", "scale", "split_trainable",
-    "summary", "train_step", "trainable_mask", "unmerge", "value_and_grad",
+    "map_adapters", "merge", "optimizer", "partition", "Quantized", "quantize", "scale",
+    "split_trainable", "summary", "train_step", "trainable_mask", "unmerge", "value_and_grad",
 ]
