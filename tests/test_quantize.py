@@ -335,9 +335,10 @@ def _lora_step(model, fmt, rank=4):
 
 
 def _memory(step, *args):
-  """``(arguments, temp)`` bytes of the compiled step."""
-  m = step.lower(*args).compile().memory_analysis()
-  return m.argument_size_in_bytes, m.temp_size_in_bytes
+  """``(arguments, temp)`` bytes of the compiled step, and the compiled step."""
+  compiled = step.lower(*args).compile()
+  m = compiled.memory_analysis()
+  return m.argument_size_in_bytes, m.temp_size_in_bytes, compiled
 
 
 @pytest.mark.parametrize("model", [_Unrolled(), _Scanned()], ids=["unrolled", "scan"])
@@ -352,25 +353,25 @@ def test_train_step_memory_and_integer_leaves(model):
 
   Training leaves every integer and scale leaf bitwise as it was."""
   kernel = D * D * 4
-  f32_args, f32_temp = _memory(*_lora_step(model, None))
-  int8_step = _lora_step(model, "int8")
-  int8_args, int8_temp = _memory(*int8_step)
-  nf4_args, nf4_temp = _memory(*_lora_step(model, "nf4"))
+  f32_args, f32_temp, _ = _memory(*_lora_step(model, None))
+  int8_args, int8_temp, int8_step = _memory(*(int8 := _lora_step(model, "int8")))
+  nf4_args, nf4_temp, nf4_step = _memory(*(nf4 := _lora_step(model, "nf4")))
   assert max(int8_temp, nf4_temp) <= f32_temp + 2 * kernel, (int8_temp, nf4_temp, f32_temp)
   assert _naive_temp(isinstance(model, _Scanned)) >= f32_temp + L // 2 * kernel  # the trap
   f32 = f32_args + f32_temp
   assert int8_args + int8_temp <= 0.5 * f32 and nf4_args + nf4_temp <= 0.45 * f32
-  step, p, state, x, y = int8_step
-  frozen = {k: np.asarray(v) for k, v in tree_lib.flatten(p).items() if "lora_" not in str(k[-1])}
-  losses = []
-  p = jax.tree.map(jnp.copy, p)
-  for _ in range(3):
-    p, state, loss = step(p, state, x, y)
-    losses.append(float(loss))
-  assert losses[-1] < losses[0]
-  for k, v in tree_lib.flatten(p).items():
-    if k in frozen:
-      assert v.dtype == frozen[k].dtype and np.array_equal(np.asarray(v), frozen[k]), k
+  for step, (_, p, state, x, y) in ((int8_step, int8), (nf4_step, nf4)):
+    frozen = {k: np.asarray(v) for k, v in tree_lib.flatten(p).items()
+              if "lora_" not in str(k[-1])}
+    losses = []
+    p = jax.tree.map(jnp.copy, p)
+    for _ in range(3):
+      p, state, loss = step(p, state, x, y)
+      losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    for k, v in tree_lib.flatten(p).items():
+      if k in frozen:
+        assert v.dtype == frozen[k].dtype and np.array_equal(np.asarray(v), frozen[k]), k
 
 
 def _naive_temp(scan: bool) -> int:
