@@ -19,6 +19,8 @@ from jlora.optim import (optimizer, split_trainable, train_step, trainable_mask,
                          value_and_grad)
 from jlora.partition import combine, partition
 from jlora.peft import load_peft, save_peft
+from jlora.quant import Quantized
+from jlora.quantize import quantize
 from jlora.sd_lora import load_sd_lora, save_sd_lora
 from jlora.summary import ParamCount, adapter_bytes, count_params, summary
 from jlora.transform import init
@@ -27,8 +29,9 @@ __version__ = "0.2.0"
 
 __all__ = [
     "Adapter", "Checkpoint", "CorruptCheckpointError", "LoraConfig", "LoraFallbackWarning",
-    "ParamCount", "Split", "adapter_bytes", "adapters", "analysis", "combine", "count_params",
-    "deltas", "init", "load", "load_peft", "load_sd_lora", "lora", "map_adapters", "merge",
-    "optimizer", "partition", "save", "save_peft", "save_sd_lora", "scale", "split_trainable",
-    "summary", "train_step", "trainable_mask", "unmerge", "value_and_grad",
+    "ParamCount", "Quantized", "Split", "adapter_bytes", "adapters", "analysis", "combine",
+    "count_params", "deltas", "init", "load", "load_peft", "load_sd_lora", "lora",
+    "map_adapters", "merge", "optimizer", "partition", "quantize", "save", "save_peft",
+    "save_sd_lora", "scale", "split_trainable", "summary", "train_step", "trainable_mask",
+    "unmerge", "value_and_grad",
 ]

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jlora import quant
 from jlora import tree as tree_lib
 from jlora.tree import Path, path_str
 
@@ -55,18 +56,16 @@ ROLES = TRAINABLE_ROLES + CONSTANT_ROLES
 #: The roles every adapter has.
 REQUIRED_ROLES = ("lora_a", "lora_b", "lora_scale")
 #: Kernel leaf names whose adapter leaves carry no prefix.
-BARE_KERNEL_NAMES = ("kernel", "embedding")
+BARE_KERNEL_NAMES = tree_lib.BARE_NAMES
 
 
 def leaf_name(kernel_name, role: str) -> str:
   """The sibling leaf name holding ``role`` for the kernel leaf ``kernel_name``."""
-  if kernel_name in BARE_KERNEL_NAMES:
-    return role
-  if not isinstance(kernel_name, str):
+  if kernel_name not in BARE_KERNEL_NAMES and not isinstance(kernel_name, str):
     raise ValueError(
         f"a kernel under the key {kernel_name!r} cannot get adapter leaves: they are"
         f" named after the kernel (`<name>_lora_a`), which needs a string key.")
-  return f"{kernel_name}_{role}"
+  return tree_lib.sibling(kernel_name, role)
 
 
 def role_paths(kernel_path: Path) -> dict[str, Path]:
@@ -187,7 +186,8 @@ class Adapter(NamedTuple):
   With ``S``, ``I`` and ``O`` the stack, input and output shapes of the kernel
   (see ``Split``; ``S`` is often empty):
 
-  * ``kernel``: ``S + I + O`` (or ``S + O + I``, output-first);
+  * ``kernel``: ``S + I + O`` (or ``S + O + I``, output-first); on a quantized base a
+    ``quant.Quantized``, which has the float kernel's shape and dtype;
   * ``a``: ``S + I + (r,)`` (``S + (r,) + I``); ``b``: ``S + (r,) + O`` (``S + O + (r,)``);
   * ``scale``: ``S`` (float32); ``m``: ``S + O`` or None (DoRA magnitude);
   * ``dropout``: ``S`` or None (the rate of dropout on the adapter's input).
@@ -255,6 +255,12 @@ def check_layout(ad: Adapter) -> None:
   for leaf, want in ((ad.m, stack + outs), (ad.dropout, stack)):
     if leaf is not None and np.shape(leaf) != want:
       raise layout_error(ad)
+  if quant.is_quantized(ad.kernel) and ad.kernel.whole_axes() < len(stack):
+    raise ValueError(
+        f"the quantized kernel {ad.name!r} {ad.kernel.shape} has an adapter with {len(stack)}"
+        " stacked-layer axes, but its quantization leaves are not per layer along them:"
+        f" {', '.join(f'{r} {np.shape(v)}' for r, v in ad.kernel.leaves().items())}."
+        " Quantize it with the same split (jlora.quantize(..., stack_axes=...), or fn=/args=).")
 
 
 def find(flat: Mapping[Path, Any]) -> dict[Path, dict[str, Path]]:
@@ -291,7 +297,7 @@ def adapter_leaf_paths(flat: Mapping[Path, Any]) -> set[Path]:
 
 def read(flat: Mapping[Path, Any], kernel_path: Path, roles: Mapping[str, Path]) -> Adapter:
   get = lambda r: tree_lib.value(flat[roles[r]]) if r in roles else None
-  ad = Adapter(kernel_path, tree_lib.value(flat[kernel_path]), get("lora_a"), get("lora_b"),
+  ad = Adapter(kernel_path, quant.read_kernel(flat, kernel_path), get("lora_a"), get("lora_b"),
                get("lora_scale"), get("lora_m"), get("lora_dropout"))
   check_layout(ad)
   return ad

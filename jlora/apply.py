@@ -22,6 +22,12 @@ other ``xs``). Any other use of a kernel falls back to the merged kernel
 ``merge.merged_kernel``: still exact, reported once per path and reason. That
 includes a kernel entering a ``custom_jvp``/``custom_vjp`` function: its rule is
 kept, and it is given the merged kernel.
+
+A quantized kernel (``jlora.quantize``) is tracked the same way, with or without an
+adapter: ``fn`` is traced on float placeholders of its shape, and the frozen product
+``x·W`` dequantizes it inside ``quant.frozen_product``, a ``custom_vjp`` whose backward
+pass keeps the integers and dequantizes again, so one layer's float kernel exists at a
+time. An embedding lookup dequantizes the table it reads.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import numpy as np
 
 from jlora import adapter as adapter_lib
 from jlora import merge as merge_lib
+from jlora import quant
 from jlora import tracing
 from jlora import tree as tree_lib
 from jlora import walk
@@ -55,14 +62,17 @@ _ARRAYS = ("kernel", "a", "b", "scale", "m", "dropout")
 
 
 class _Kernel(NamedTuple):
-  """An adapted kernel inside the interpreter.
+  """A tracked kernel inside the interpreter: an adapted kernel, or a quantized one.
 
   ``ad`` holds the arrays as stored (``adapter.Adapter``), its kernel already
-  behind ``stop_gradient``, and ``split`` their layout. ``axes`` labels each axis
-  of the kernel as the program currently sees it: ``("s", k)``, ``("i", k)`` or
-  ``("o", k)`` for the k-th stack, input or output axis. ``dtype`` is the dtype
-  the program has cast it to. Stack axes lead every array of ``ad``, so the k-th
-  stack axis is axis k of each.
+  behind ``stop_gradient``; the kernel is an array or a ``quant.Quantized``. A
+  quantized kernel without an adapter is tracked too (it cannot reach an op as
+  it is stored): its ``a`` and ``b`` are None, its ``split`` has no input axes,
+  and its stack axes are the leading axes every one of its leaves holds whole.
+  ``axes`` labels each axis of the kernel as the program currently sees it:
+  ``("s", k)``, ``("i", k)`` or ``("o", k)`` for the k-th stack, input or output
+  axis. ``dtype`` is the dtype the program has cast it to. Stack axes lead every
+  array of ``ad``, so the k-th stack axis is axis k of each.
   """
   ad: Adapter
   split: Split
@@ -70,16 +80,24 @@ class _Kernel(NamedTuple):
   dtype: Any
 
   @property
+  def has_adapter(self) -> bool:
+    return self.ad.a is not None
+
+  @property
+  def quantized(self) -> bool:
+    return quant.is_quantized(self.ad.kernel)
+
+  @property
   def stack_labels(self) -> list:
-    return [("s", j) for j in range(self.ad.n_stack)]
+    return [("s", j) for j in range(self.split.n_stack)]
 
   @property
   def in_labels(self) -> list:
-    return [("i", j) for j in range(self.ad.n_in)]
+    return [("i", j) for j in range(self.split.n_in)]
 
   @property
   def out_labels(self) -> list:
-    return [("o", j) for j in range(self.ad.n_out)]
+    return [("o", j) for j in range(self.split.n_out(np.ndim(self.ad.kernel)))]
 
   @property
   def stored(self) -> list:
@@ -102,17 +120,28 @@ class _Kernel(NamedTuple):
   def rank(self) -> int:
     return np.shape(self.ad.a)[self.ad.n_stack if self.split.out_first else -1]
 
-  def _to_current(self, stored_array):
+  def current(self, stored_array):
+    """A kernel-shaped array as stored -> as the program sees it (axes and dtype)."""
     perm = [self.stored.index(lab) for lab in self.axes]
     return jnp.transpose(stored_array, perm).astype(self.dtype)
 
   def base(self):
-    """The frozen kernel as the program sees it (no adapter)."""
-    return self._to_current(self.ad.kernel)
+    """The frozen kernel as the program sees it (no adapter), dequantized if need be."""
+    w = self.ad.kernel
+    return self.current(w.dequantize(jnp.float32) if self.quantized else w)
 
   def merged(self):
     """``W + delta`` (or DoRA's kernel) as the program sees it."""
-    return self._to_current(merge_lib.merged_kernel(self.ad))
+    return self.current(merge_lib.merged_kernel(self.ad)) if self.has_adapter else self.base()
+
+  def product(self, op, x, view):
+    """``op(x, view(W))`` for an ``op`` linear in ``x``, where ``view`` takes the
+    kernel as stored (float32 when it is quantized) to the operand ``op`` wants.
+    A quantized ``W`` is dequantized inside ``quant.frozen_product``, so the
+    backward pass keeps its integers, not a float copy."""
+    if self.quantized:
+      return quant.frozen_product(op, lambda w: view(w).astype(self.dtype), x, self.ad.kernel)
+    return op(x, view(self.ad.kernel).astype(self.dtype))
 
   def factor_dora(self):
     """``m / ‖W + s·A·B‖`` with the norm detached (DoRA paper, Sec. 4.3): ``S + O``."""
@@ -120,17 +149,22 @@ class _Kernel(NamedTuple):
     return merge_lib.dora_factor(self.ad, v)
 
   def map_arrays(self, fn, **replace):
-    """Apply ``fn`` to every array of the adapter (all lead with the stack axes)."""
-    arrays = {f: None if getattr(self.ad, f) is None else fn(getattr(self.ad, f))
-              for f in _ARRAYS}
+    """Apply ``fn`` to every array of the adapter and of a quantized kernel's
+    leaves (all lead with the stack axes)."""
+    arrays = {f: jax.tree.map(fn, getattr(self.ad, f)) for f in _ARRAYS}
     return self._replace(ad=self.ad._replace(**arrays), **replace)
 
 
-def _entering(ad: Adapter) -> _Kernel:
-  frozen = ad._replace(kernel=jax.lax.stop_gradient(ad.kernel),
-                       scale=jax.lax.stop_gradient(ad.scale))
-  k = _Kernel(frozen, ad.split, (), ad.kernel.dtype)
+def _entering(ad: Adapter, split: Split | None = None) -> _Kernel:
+  frozen = ad._replace(kernel=jax.tree.map(jax.lax.stop_gradient, ad.kernel),
+                       scale=None if ad.scale is None else jax.lax.stop_gradient(ad.scale))
+  k = _Kernel(frozen, split or ad.split, (), ad.kernel.dtype)
   return k._replace(axes=tuple(k.stored))
+
+
+def _entering_quantized(path, q: quant.Quantized) -> _Kernel:
+  """A quantized kernel with no adapter: its leading whole axes are its stack axes."""
+  return _entering(Adapter(path, q, None, None, None), Split(q.whole_axes(), 0))
 
 
 def lora(fn, *, mode: str = "factored", on_fallback: str = "warn", unroll_max_rank: int = 0):
@@ -154,7 +188,9 @@ def lora(fn, *, mode: str = "factored", on_fallback: str = "warn", unroll_max_ra
     leaves. ``lora_rng`` turns on the adapters' input dropout (the rate stored in
     ``lora_dropout``); without it dropout is off. Its output equals
     ``fn(jlora.merge(params), *args, **kw)`` to float tolerance, under ``jit``,
-    ``grad``, ``vmap``, ``scan`` and ``remat``. ``fn`` is traced once per
+    ``grad``, ``vmap``, ``scan`` and ``remat``. ``params`` may be a quantized base
+    (``jlora.quantize``), with or without adapters; pass it to ``jit`` as an
+    argument, not closed over (see ``jlora.quantize``). ``fn`` is traced once per
     signature (tree structure, shapes and dtypes of the arrays, and the values
     of the other leaves); like ``jax.jit``, it sees arrays it closes over as
     they were at that trace. The matmul branch is a ``custom_vjp``
@@ -184,14 +220,20 @@ def lora(fn, *, mode: str = "factored", on_fallback: str = "warn", unroll_max_ra
   def wrapped(params, *args, lora_rng=None, **kwargs):
     flat = tree_lib.flatten(params)
     found = adapter_lib.find(flat)
-    if mode == "merged" or not found:
+    quantized = quant.find(flat)
+    if mode == "merged" or not (found or quantized):
       return fn(merge_lib.merge(params), *args, **kwargs)
-    owned = {p for roles in found.values() for p in roles.values()}
-    base = tree_lib.unflatten({p: v for p, v in flat.items() if p not in owned}, params)
+    owned = adapter_lib.adapter_leaf_paths(flat)
+    # ``fn`` is traced on the float model: quantized kernels as float placeholders.
+    base = tree_lib.unflatten({p: v for p, v in quant.float_view(flat).items()
+                               if p not in owned}, params)
     traced = traced_for(base, args, kwargs)
     # The traced inputs are the arrays of this call (a cached trace holds an old call's).
     inputs = tracing.trace_inputs(base, args, kwargs)
     jaxpr = traced.closed.jaxpr
+    for kp, roles in quantized.items():
+      if kp not in found:
+        inputs[traced.param_index[kp]] = _entering_quantized(kp, quant.read(flat, kp, roles))
     for kp, roles in found.items():
       inputs[traced.param_index[kp]] = _entering(adapter_lib.read(flat, kp, roles))
     walker = _Factored(lora_rng, reported, on_fallback, unroll_max_rank)
@@ -229,9 +271,14 @@ class _Factored(walk.Walker):
     return walk.bind(eqn, ins)
 
   def fallback(self, k: _Kernel, why: str):
-    msg = (f"jlora.lora: kernel {k.ad.name!r} reaches {why}, which has no factored"
-           " rule; using the merged kernel W + s·A·B there (exact, but it costs a"
-           " full weight gradient).")
+    if k.has_adapter:
+      msg = (f"jlora.lora: kernel {k.ad.name!r} reaches {why}, which has no factored"
+             " rule; using the merged kernel W + s·A·B there (exact, but it costs a"
+             " full weight gradient).")
+    else:
+      msg = (f"jlora.lora: quantized kernel {k.ad.name!r} reaches {why}, which has no"
+             " rule for quantized kernels; using the dequantized kernel there (exact, but"
+             " the backward pass may keep it in float).")
     if self.on_fallback == "error":
       raise NotImplementedError(msg)
     if self.on_fallback == "warn" and (k.ad.path, why) not in self.reported:
@@ -423,6 +470,9 @@ def _dot_general(eqn, ins, walker: _Factored):
     return "two adapted kernels multiplied together"
   (k, kc, kb), (x, xc, xb) = ((ins[0], lc, lb), (ins[1], rc, rb)) if kernel_left else \
       ((ins[1], rc, rb), (ins[0], lc, lb))
+  kw = {p: eqn.params[p] for p in ("precision", "preferred_element_type") if p in eqn.params}
+  if not k.has_adapter:
+    return _base_product(eqn, k, x, kernel_left, kw)
   c_labels = [k.axes[i] for i in kc]
   b_labels = [k.axes[i] for i in kb]
   # Stack axes must pair with batch axes of x (as under vmap), and the contraction
@@ -441,7 +491,6 @@ def _dot_general(eqn, ins, walker: _Factored):
   xl = _lora_input(x, k, walker)
   if isinstance(xl, str):
     return xl
-  kw = {p: eqn.params[p] for p in ("precision", "preferred_element_type") if p in eqn.params}
   x_labels = [("x", i) for i in range(x.ndim)]
   for i, lab in zip(list(xc) + list(xb), c_labels + b_labels):
     x_labels[i] = lab
@@ -465,7 +514,7 @@ def _dot_general(eqn, ins, walker: _Factored):
   k_free = [lab for lab in k.axes if lab not in c_labels and lab not in b_labels]
   target = b_labels + (k_free + x_free if kernel_left else x_free + k_free)
   unroll = k.rank <= walker.unroll_max_rank
-  if (not unroll and not b_labels and xl is x and not kernel_left
+  if (not unroll and not b_labels and xl is x and not kernel_left and not k.quantized
       and x_labels == x_free + c_labels and list(k.axes) == c_labels + k_free == c_labels + q_free
       and x.dtype == k.dtype and kw.get("preferred_element_type") in (None, x.dtype)):
     # x·W + s·(x·A)·B as one product of plain matrices (see branch.lora_matmul); every
@@ -478,12 +527,60 @@ def _dot_general(eqn, ins, walker: _Factored):
   u = jnp.reshape(u, [sizes[lab] for lab in b_labels + x_free + q_free])
   u_labels = b_labels + x_free + q_free
   y_lora = jnp.transpose(u, [u_labels.index(lab) for lab in target])
-  y = jax.lax.dot_general(*((k.base(), x) if kernel_left else (x, k.base())),
-                          eqn.params["dimension_numbers"], **kw)
+  y = _base_product(eqn, k, x, kernel_left, kw)
   if k.ad.m is not None:
     f = _dora_factor(k, target, y.dtype)
     y, y_lora = y * f, y_lora * f
   return y + y_lora.astype(y.dtype)
+
+
+def _base_product(eqn, k: _Kernel, x, kernel_left: bool, kw: dict):
+  """The frozen product ``dot_general(x, W)`` of ``eqn``, as one plain matrix product.
+
+  Where the stored kernel reads as ``stack + (C, N)`` or ``stack + (N, C)`` by a reshape
+  alone (its batch axes lead, and its contracted and free axes each form one run, as in
+  Dense, q/k/v ``(d, heads, head_dim)`` and out ``(heads, head_dim, d)`` kernels), ``x`` is
+  laid out ``(stack?, T, C)`` to match and multiplied with that view of the stored kernel.
+  The model's own ``dot_general`` on the multi-axis kernel instead made XLA:CPU copy every
+  q/k/v/out kernel into another layout on every step (13 kernel-sized float32 copies on
+  ``experiments.bench``'s transformer). Any other layout runs the equation as written.
+
+  Returns the product in ``eqn``'s output layout.
+  """
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  (kc, kb, xc, xb) = (lc, lb, rc, rb) if kernel_left else (rc, rb, lc, lb)
+  c_labels = [k.axes[i] for i in kc]
+  b_labels = [k.axes[i] for i in kb]
+  k_free = [lab for lab in k.axes if lab not in c_labels and lab not in b_labels]
+  stored = k.stored
+  nb = len(b_labels)
+  roles = ["b" if lab in b_labels else "c" if lab in c_labels else "f" for lab in stored]
+  runs = (["c"] * len(c_labels) + ["f"] * len(k_free), ["f"] * len(k_free) + ["c"] * len(c_labels))
+  if not k_free or roles[:nb] != ["b"] * nb or roles[nb:] not in runs:
+    dn = eqn.params["dimension_numbers"]
+    op = lambda x, w: jax.lax.dot_general(*((w, x) if kernel_left else (x, w)), dn, **kw)
+    return k.product(op, x, k.current)
+  c_first = roles[nb] == "c"
+  s_b, s_c, s_f = stored[:nb], [lab for lab in stored if lab in c_labels], \
+      [lab for lab in stored if lab in k_free]
+  x_of = dict(zip(c_labels + b_labels, list(xc) + list(xb)))   # kernel label -> x axis
+  x_free = [i for i in range(x.ndim) if i not in x_of.values()]
+  size = dict(zip(stored, np.shape(k.ad.kernel)))
+  prod = lambda labs: math.prod(size[lab] for lab in labs)
+  lead = [prod(s_b)] if nb else []
+  x_sizes = [np.shape(x)[i] for i in x_free]
+  # x keeps its free axes apart (the product has the rank of the model's own).
+  x2 = jnp.reshape(jnp.transpose(x, [x_of[lab] for lab in s_b] + x_free + [x_of[lab] for lab in s_c]),
+                   lead + x_sizes + [prod(s_c)])
+  w_shape = lead + ([prod(s_c), prod(s_f)] if c_first else [prod(s_f), prod(s_c)])
+  dn = (((x2.ndim - 1,), (nb if c_first else nb + 1,)), ((0,), (0,)) if nb else ((), ()))
+  y = k.product(lambda x, w: jax.lax.dot_general(x, w, dn, **kw), x2,
+                lambda w: jnp.reshape(w, w_shape))
+  y_labels = s_b + [("x", i) for i in x_free] + s_f
+  y = jnp.reshape(y, [size[lab] for lab in s_b] + x_sizes + [size[lab] for lab in s_f])
+  x_labels = [("x", i) for i in x_free]
+  target = b_labels + (k_free + x_labels if kernel_left else x_labels + k_free)
+  return jnp.transpose(y, [y_labels.index(lab) for lab in target])
 
 
 def _dora_factor(k: _Kernel, labels, dtype):
@@ -526,6 +623,8 @@ def _conv(eqn, ins, walker: _Factored):
   x, k = ins
   p = eqn.params
   dn = p["dimension_numbers"]
+  if not k.has_adapter:
+    return k.product(functools.partial(jax.lax.conv_general_dilated_p.bind, **p), x, k.current)
   if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
     return "a grouped convolution"
   if k.ad.n_stack or k.ad.n_out != 1 or k.axes[dn.rhs_spec[0]] != ("o", 0):
@@ -534,7 +633,8 @@ def _conv(eqn, ins, walker: _Factored):
   if isinstance(xl, str):
     return xl
   conv = functools.partial(jax.lax.conv_general_dilated_p.bind, **p)
-  return _up_project(k, conv(x, k.base()), conv(xl, _a_like_kernel(k)), dn.out_spec[1])
+  return _up_project(k, k.product(conv, x, k.current), conv(xl, _a_like_kernel(k)),
+                     dn.out_spec[1])
 
 
 def _gather(eqn, ins, walker: _Factored):
@@ -543,6 +643,8 @@ def _gather(eqn, ins, walker: _Factored):
   if isinstance(idx, _Kernel):
     return "an adapted kernel used as indices"
   p = eqn.params
+  if not k.has_adapter:  # no gradient reaches the table: dequantizing it is all
+    return jax.lax.gather_p.bind(k.base(), idx, **p)
   dn = p["dimension_numbers"]
   o_pos = [i for i, lab in enumerate(k.axes) if lab[0] == "o"]
   if (k.ad.n_stack or len(o_pos) != 1 or dn.operand_batching_dims

@@ -7,6 +7,7 @@ from typing import Callable
 import jax.numpy as jnp
 
 from jlora import adapter as adapter_lib
+from jlora import quant
 from jlora import tree as tree_lib
 from jlora.adapter import Adapter
 
@@ -28,13 +29,17 @@ def map_adapters(fn: Callable[[Adapter], Adapter], params):
   """
   flat = tree_lib.flatten(params)
   out = dict(flat)
+  quantized = quant.find(flat)
   for kp, roles in adapter_lib.find(flat).items():
     old = adapter_lib.read(flat, kp, roles)
     new = fn(old)
     if new.path != old.path:
       raise ValueError(f"map_adapters: fn changed the path {old.name!r} to {new.name!r}.")
     adapter_lib.check_layout(new)
-    out[kp] = tree_lib.rewrap(flat[kp], new.kernel)
+    if new.kernel is not old.kernel:  # a quantized kernel is rewritten leaf by leaf
+      for p in quantized.get(kp, {}).values():
+        out.pop(p)
+      out.update(quant.to_leaves(kp, flat[kp], new.kernel))
     where = adapter_lib.role_paths(kp)
     for field, role in _ROLE_OF_FIELD.items():
       arr = getattr(new, field)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora import adapter as adapter_lib
+from jlora import quant
 from jlora import tree as tree_lib
 from jlora.adapter import Adapter, Split
 
@@ -50,12 +51,13 @@ def dora_factor(ad: Adapter, v):
   return ad.m.astype(v.dtype) / jax.lax.stop_gradient(column_norm(v, ad.split))
 
 
-def merged_kernel(ad: Adapter):
-  """``W + delta`` (DoRA: ``m · (W + delta) / ‖W + delta‖``) in the kernel's dtype."""
+def merged_kernel(ad: Adapter, dtype=None):
+  """``W + delta`` (DoRA: ``m · (W + delta) / ‖W + delta‖``) in ``dtype``, by default the
+  kernel's (a quantized kernel's float dtype: ``W`` is its dequantized value)."""
   v = ad.kernel.astype(wide(ad)) + delta(ad)
   if ad.m is not None:
     v = v * jnp.expand_dims(dora_factor(ad, v), ad.split.in_axes(v.ndim))
-  return v.astype(ad.kernel.dtype)
+  return v.astype(dtype or ad.kernel.dtype)
 
 
 def residual_kernel(w, split: Split, a0, b0):
@@ -82,20 +84,34 @@ def _add_low_rank(w, split: Split, a0, b0, sign: float):
   return split.kernel_from_matrix(w2, w.shape).astype(w.dtype)
 
 
-def merge(params):
-  """The base-structured tree with every adapter folded into its kernel.
+def merge(params, *, dtype=None):
+  """The float model: every adapter folded into its kernel, every quantized kernel
+  dequantized.
 
-  Returns a tree with exactly the structure ``params`` had before ``jlora.init``:
-  adapter leaves are gone, and each adapted kernel is ``W + s · A @ B`` (DoRA:
-  ``m · V / ‖V‖`` with ``V = W + s · A @ B``), computed in float32 (or wider) and
-  stored in the kernel's dtype. Needs nothing but the tree: each adapter carries
-  its own scale.
+  Args:
+    params: a params tree, with or without adapters, on a float or a quantized
+      (``jlora.quantize``) base.
+    dtype: the dtype of every merged or dequantized kernel; ``None`` keeps each
+      kernel's own float dtype. Other leaves are never cast.
+
+  Returns:
+    A tree with exactly the structure of the float params before ``jlora.quantize``
+    and ``jlora.init``: adapter and quantization leaves are gone, and each adapted
+    kernel is ``W + s · A @ B`` (DoRA: ``m · V / ‖V‖`` with ``V = W + s · A @ B``),
+    computed in float32 (or wider), where ``W`` is the dequantized kernel on a
+    quantized base. This is the tree ``fn`` accepts. Needs nothing but the tree: each
+    adapter carries its own scale and each quantized kernel its own scales.
   """
   flat = tree_lib.flatten(params)
   found = adapter_lib.find(flat)
-  out = {p: leaf for p, leaf in flat.items() if p not in _adapter_leaves(found)}
+  qfound = quant.find(flat)
+  drop = _adapter_leaves(found) | quant.owned(qfound)
+  out = {p: leaf for p, leaf in flat.items() if p not in drop}
+  for kp, roles in qfound.items():
+    if kp not in found:
+      out[kp] = tree_lib.rewrap(flat[kp], quant.read(flat, kp, roles).dequantize(dtype))
   for kp, roles in found.items():
-    out[kp] = tree_lib.rewrap(flat[kp], merged_kernel(adapter_lib.read(flat, kp, roles)))
+    out[kp] = tree_lib.rewrap(flat[kp], merged_kernel(adapter_lib.read(flat, kp, roles), dtype))
   return tree_lib.unflatten(out, params)
 
 
@@ -126,6 +142,10 @@ def unmerge(merged, adapter):
   flat = tree_lib.flatten(params)
   out = dict(flat)
   for ad in adapter_lib.iter_adapters(flat):
+    if quant.is_quantized(ad.kernel):
+      raise ValueError(
+          f"cannot unmerge into the quantized kernel {ad.name!r}: W - s · A @ B is not on its"
+          " quantization grid. Pass the float tree jlora.merge(params) returns.")
     if ad.m is not None:
       raise ValueError(
           f"cannot unmerge the DoRA adapter of {ad.name!r}: the merged kernel"

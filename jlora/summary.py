@@ -7,6 +7,7 @@ from typing import NamedTuple
 import numpy as np
 
 from jlora import adapter as adapter_lib
+from jlora import quant
 from jlora import tree as tree_lib
 from jlora.optim import trainable_roles
 
@@ -14,7 +15,8 @@ from jlora.optim import trainable_roles
 class ParamCount(NamedTuple):
   """``trainable``: Σ r·(in + out) per adapted matrix (per stacked layer) plus DoRA
   magnitudes; ``total``: every base parameter plus the trainable ones (the
-  constant ``lora_scale``/``lora_dropout`` leaves are bookkeeping, not parameters)."""
+  constant ``lora_scale``/``lora_dropout`` leaves are bookkeeping, not parameters;
+  a quantized kernel counts its float elements, and its scales count as bookkeeping)."""
   trainable: int
   total: int
 
@@ -27,7 +29,9 @@ def count_params(params) -> ParamCount:
   """Trainable and total parameter counts of an adapted tree."""
   flat = tree_lib.flatten(params)
   sizes = {p: int(np.size(tree_lib.value(v))) for p, v in flat.items()}
-  owned = adapter_lib.adapter_leaf_paths(flat)
+  quantized = quant.find(flat)
+  sizes.update({p: quant.read(flat, p, roles).size for p, roles in quantized.items()})
+  owned = adapter_lib.adapter_leaf_paths(flat) | quant.owned(quantized)
   trainable = sum(sizes[p] for p in trainable_roles(flat))
   base = sum(n for p, n in sizes.items() if p not in owned)
   return ParamCount(trainable, base + trainable)
@@ -65,6 +69,7 @@ def _kind(ad: tree_lib.Adapter) -> str:
     return "embed"
   kind = "dense" if ad.n_in == ad.n_out == 1 else f"general {ad.n_in}->{ad.n_out}"
   kind += " (out, in)" if ad.out_first else ""
+  kind += f" {ad.kernel.bits}-bit" if quant.is_quantized(ad.kernel) else ""
   return kind + (f" x{ad.n_stack} stacked" if ad.n_stack else "")
 
 

@@ -87,7 +87,7 @@ def _first_match(pattern: Mapping[str, Any] | None, name: str):
   return None
 
 
-def _is_float(dtype) -> bool:
+def is_float(dtype) -> bool:
   dt = np.dtype(dtype)
   return np.issubdtype(dt, np.floating) or dt.name == "bfloat16"
 
@@ -132,6 +132,42 @@ def default_split(name: str, shape: tuple[int, ...], cfg: LoraConfig) -> Split:
   return Split(n_stack, n_in, out_first)
 
 
+def match(flat: Mapping[Path, Any], cfg: LoraConfig, patterns=()) -> list[Path]:
+  """The paths ``cfg.targets`` selects in ``flat`` (``cfg.exclude`` checked first).
+
+  A regex or a list of module names skips leaves with fewer than 2 axes (biases, norm
+  scales); module names pick a module's ``kernel``/``embedding``. ``patterns`` names
+  ``cfg`` fields (``{regex: value}``) each of whose keys must match a selected path.
+
+  Raises:
+    ValueError: nothing matched (the message lists close candidates), or a pattern
+      key matches no selected path.
+  """
+  want, drop = matcher(cfg.targets), (matcher(cfg.exclude) if cfg.exclude is not None else None)
+  paths = []
+  for p, leaf in flat.items():
+    arr, name = tree_lib.value(leaf), path_str(p)
+    if drop is not None and drop(name, arr):
+      continue
+    if not want(name, arr):
+      continue
+    if not callable(cfg.targets) and np.ndim(arr) < 2:
+      continue  # a regex or a module name also reaches biases and norm scales
+    paths.append(p)
+  if not callable(cfg.targets) and not isinstance(cfg.targets, str):
+    paths = _module_weights(flat, paths)
+  if not paths:
+    raise _no_match_error(cfg, flat)
+  names = [path_str(p) for p in paths]
+  for what in patterns:
+    for key in getattr(cfg, what) or {}:
+      if not any(re.search(key, n) for n in names):
+        raise ValueError(
+            f"{what} key {key!r} matches none of the targeted kernels {names[:8]}"
+            f"{' ...' if len(names) > 8 else ''}; fix the regex or drop the key.")
+  return paths
+
+
 def select(flat: Mapping[Path, Any], cfg: LoraConfig,
            found: Mapping[Path, Read] | None = None) -> list[Target]:
   """The kernels ``cfg`` adapts, with their settings, validated.
@@ -152,49 +188,23 @@ def select(flat: Mapping[Path, Any], cfg: LoraConfig,
         f"this params tree already has adapters (e.g. on {path_str(next(iter(already)))!r})."
         " Pass the base tree to jlora.init: `adapter, base = jlora.partition(params)`,"
         " or `jlora.merge(params)` to fold the adapter in first.")
-  want, drop = matcher(cfg.targets), (matcher(cfg.exclude) if cfg.exclude is not None else None)
-  paths = []
-  for p, leaf in flat.items():
-    arr, name = tree_lib.value(leaf), path_str(p)
-    if drop is not None and drop(name, arr):
-      continue
-    if not want(name, arr):
-      continue
-    if not callable(cfg.targets) and np.ndim(arr) < 2:
-      continue  # a regex or a module name also reaches biases and norm scales
-    paths.append(p)
-  if not callable(cfg.targets) and not isinstance(cfg.targets, str):
-    paths = _module_weights(flat, paths)
-  if not paths:
-    raise _no_match_error(cfg, flat)
+  paths = match(flat, cfg, ("rank_pattern", "alpha_pattern", "in_axes", "stack_axes"))
   names = [path_str(p) for p in paths]
-
-  for what in ("rank_pattern", "alpha_pattern", "in_axes", "stack_axes"):
-    for key in getattr(cfg, what) or {}:
-      if not any(re.search(key, n) for n in names):
-        raise ValueError(
-            f"{what} key {key!r} matches none of the targeted kernels {names[:8]}"
-            f"{' ...' if len(names) > 8 else ''}; fix the regex or drop the key.")
 
   found = found or {}
   out = []
   for p, name in zip(paths, names):
     arr = tree_lib.value(flat[p])
     shape, dtype = tuple(np.shape(arr)), arr.dtype
-    if not _is_float(dtype):
+    if not is_float(dtype):
       raise TypeError(f"kernel {name!r} has dtype {dtype}; LoRA needs a float kernel."
                       " Exclude it with `exclude=`.")
     if len(shape) < 2:
       raise ValueError(f"leaf {name!r} has shape {shape}; LoRA needs a kernel with at"
                        " least 2 axes. Narrow `targets` so it selects kernels only.")
     _check_free_names(p, flat)
-    split, kind = _split_for(p, name, shape, cfg, found.get(p))
+    split, kind = split_for(p, shape, cfg, found.get(p))
     stack, ins, outs = split.shapes(shape)
-    if split.n_in < 1 or len(outs) < 1:
-      raise ValueError(
-          f"kernel {name!r} of shape {shape} has no valid in/out split (stack axes"
-          f" {split.n_stack}, input axes {split.n_in}). Set"
-          f" `in_axes={{{name!r}: n}}` (and `stack_axes` for nn.scan stacks).")
     rank = _first_match(cfg.rank_pattern, name) or cfg.rank
     fan_in, fan_out = math.prod(ins), math.prod(outs)
     if rank > min(fan_in, fan_out):
@@ -229,7 +239,15 @@ def _check_free_names(p: Path, flat) -> None:
         f" {taken}, where its adapter leaves would go. Rename them, or exclude this kernel.")
 
 
-def _split_for(p: Path, name: str, shape, cfg: LoraConfig, seen: Read | None):
+def split_for(p: Path, shape, cfg: LoraConfig, seen: Read | None) -> tuple[Split, str]:
+  """The in/out split of the kernel at ``p`` and a label of its kind: ``cfg.in_axes`` and
+  ``cfg.stack_axes`` first, then what the model showed (``seen``), then the default rule.
+
+  Raises:
+    ValueError: the model's use fits no layout, or the split leaves no input or no
+      output axis.
+  """
+  name = path_str(p)
   n_stack, n_in, out_first = override_split(name, len(shape), cfg)
   if seen is None:
     split = default_split(name, shape, cfg)  # applies the overrides itself
@@ -248,4 +266,9 @@ def _split_for(p: Path, name: str, shape, cfg: LoraConfig, seen: Read | None):
   if kind is None:  # a label only; the model trace (``fn``) gives the real kind
     kind = ("embed" if p[-1] == "embedding" else
             "dense" if len(shape) - split.n_stack == 2 else "general")
+  if split.n_in < 1 or len(split.shapes(shape)[2]) < 1:
+    raise ValueError(
+        f"kernel {name!r} of shape {tuple(shape)} has no valid in/out split (stack axes"
+        f" {split.n_stack}, input axes {split.n_in}). Set"
+        f" `in_axes={{{name!r}: n}}` (and `stack_axes` for nn.scan stacks).")
   return split, kind

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora import adapter as adapter_lib
+from jlora import quant
 from jlora import split as split_lib
 from jlora import targets as targets_lib
 from jlora import tree as tree_lib
@@ -52,27 +53,44 @@ def init(key, params, cfg: LoraConfig, *, fn=None, args=(), kwargs=None):
     subtracted part is kept as ``lora_a0 = s · A`` and ``lora_b0 = B`` (float32
     constants), which is what lets ``jlora.load`` put a saved adapter onto the
     original base and ``jlora.save_peft`` export a plain LoRA.
+    Quantized kernels (``jlora.quantize``) stay as they are and get adapters like
+    the float kernels they stand for: the same shapes, split and fan-in; DoRA's
+    magnitude starts at the dequantized kernel's column norm.
 
   Raises:
     ValueError: no kernel matched (the message lists candidates), a rank outside
       ``[1, min(in, out)]``, a pattern key that matches no target, adapters
-      already present, a kernel whose use fits no adapter layout, or a grouped
-      convolution.
+      already present, a kernel whose use fits no adapter layout, a grouped
+      convolution, or PiSSA/OLoRA on a quantized kernel.
     TypeError: a non-float kernel.
   """
   flat = tree_lib.flatten(params)
+  # Quantized kernels are selected, read and sized as the float kernels they stand for.
+  view = quant.float_view(flat)
   found = None
   if fn is not None:
-    found = split_lib.read(fn, params, args, kwargs)
-  targets = targets_lib.select(flat, cfg, found)
+    found = split_lib.read(fn, tree_lib.unflatten(view, params), args, kwargs)
+  targets = targets_lib.select(view, cfg, found)
+  qfound = quant.find(flat)
+  quantized = [t.name for t in targets if t.path in qfound]
+  if quantized and cfg.init in ("pissa", "olora"):
+    raise ValueError(
+        f"init={cfg.init!r} replaces the kernel by the residual W - s·A·B, but"
+        f" {quantized[0]!r} is quantized and the residual would need quantizing again."
+        f" Initialize the float base with init={cfg.init!r}, then jlora.quantize the"
+        " returned tree (its adapters keep their split), or use init='kaiming'.")
   out = dict(flat)
   for t in targets:
     k = jax.random.fold_in(key, zlib.crc32(t.name.encode()))
     leaf = flat[t.path]
-    w = tree_lib.value(leaf)
+    w = quant.read_kernel(flat, t.path)
     kernel, leaves = _init_one(k, w, t, cfg)
-    leaves = placed_like(w, leaves)
-    out[t.path] = tree_lib.rewrap(leaf, kernel)
+    if quant.is_quantized(w):  # its scales must be per layer along the adapter's stack axes
+      adapter_lib.check_layout(adapter_lib.Adapter(t.path, w, leaves["lora_a"], leaves["lora_b"],
+                                                   leaves["lora_scale"]))
+    leaves = placed_like(tree_lib.value(leaf), leaves)
+    if kernel is not w:
+      out[t.path] = tree_lib.rewrap(leaf, kernel)
     roles = adapter_lib.role_paths(t.path)
     for role, arr in leaves.items():
       out[roles[role]] = adapter_lib.new_leaf(leaf, arr, role)
@@ -80,11 +98,12 @@ def init(key, params, cfg: LoraConfig, *, fn=None, args=(), kwargs=None):
 
 
 def _init_one(key, w, t: targets_lib.Target, cfg: LoraConfig):
-  """The (possibly residual) kernel and the adapter leaves of one target."""
+  """The (possibly residual) kernel and the adapter leaves of one target. ``w`` is an
+  array or a ``quant.Quantized`` (whose ``astype`` dequantizes)."""
   split, shape = t.split, t.shape
   stack, ins, outs = split.shapes(shape)
   r, s = t.rank, t.scale
-  dtype = jnp.dtype(cfg.dtype) if cfg.dtype is not None else w.dtype
+  dtype = jnp.dtype(cfg.dtype) if cfg.dtype is not None else t.dtype
   fan_in, fan_out = math.prod(ins), math.prod(outs)
   ka, kb = jax.random.split(key)
   residual = {}

@@ -30,6 +30,16 @@ PyTree = Any
 Path = tuple
 
 
+#: Leaf names whose sibling leaves (adapter, quantization) carry no prefix.
+BARE_NAMES = ("kernel", "embedding")
+
+
+def sibling(name: str, role: str) -> str:
+  """The name of the leaf that holds ``role`` beside the leaf ``name``: ``role`` itself
+  beside a ``kernel`` or ``embedding`` (a Flax module's weight), else ``name_role``."""
+  return role if name in BARE_NAMES else f"{name}_{role}"
+
+
 def path_str(path: Path) -> str:
   """``("params", "layers", 0, "kernel")`` -> ``"params/layers/0/kernel"``."""
   return "/".join(str(k) for k in path)
