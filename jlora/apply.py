@@ -127,8 +127,9 @@ class _Kernel(NamedTuple):
 
 
 def _entering(ad: Adapter) -> _Kernel:
-  frozen = ad._replace(kernel=jax.lax.stop_gradient(ad.kernel),
-                       scale=jax.lax.stop_gradient(ad.scale))
+  # Only W is frozen. The scale keeps its gradient (a strength, or jlora.mix's weights,
+  # may be differentiated); where it is a constant, XLA drops that cotangent.
+  frozen = ad._replace(kernel=jax.lax.stop_gradient(ad.kernel))
   k = _Kernel(frozen, ad.split, (), ad.kernel.dtype)
   return k._replace(axes=tuple(k.stored))
 
