@@ -14,9 +14,11 @@ from jlora.apply import LoraFallbackWarning, lora
 from jlora.config import LoraConfig
 from jlora.edit import map_adapters, scale
 from jlora.merge import deltas, merge, unmerge
+from jlora.mix import mix
 from jlora.optim import (optimizer, split_trainable, train_step, trainable_mask,
                          value_and_grad)
 from jlora.partition import combine, partition
+from jlora.per_example import stack_adapters, unstack_adapters
 from jlora.summary import ParamCount, adapter_bytes, count_params, summary
 from jlora.transform import init
 
@@ -25,6 +27,7 @@ __version__ = "0.2.0"
 __all__ = [
     "Adapter", "LoraConfig", "LoraFallbackWarning", "ParamCount", "Split", "adapter_bytes",
     "adapters", "analysis", "combine", "count_params", "deltas", "init", "lora",
-    "map_adapters", "merge", "optimizer", "partition", "scale", "split_trainable",
-    "summary", "train_step", "trainable_mask", "unmerge", "value_and_grad",
+    "map_adapters", "merge", "mix", "optimizer", "partition", "scale", "split_trainable",
+    "stack_adapters", "summary", "train_step", "trainable_mask", "unmerge", "unstack_adapters",
+    "value_and_grad",
 ]
