@@ -20,8 +20,10 @@ on one example at a time (a batch of one), with that example's adapter gathered
 from the stack: ``A[ids[b]]``, ``B[ids[b]]``, scale ``s[ids[b]]`` (0 for ``-1``).
 The frozen kernel is the same for every example, so ``vmap`` keeps the base
 product one matmul over the whole batch; only the rank-r branch is per example,
-a batched product over the gathered factors (BGMV, as Punica and vLLM call it).
-Gradients follow: ``jax.grad`` with respect to the stack is the sum of each
+a batched product over the gathered factors (BGMV, as Punica and vLLM call it). Two
+things do cost a kernel-sized array per example: DoRA (each example's ``‖W + s·A·B‖``)
+and a kernel that reaches an op with no factored rule (the merged fallback, reported as
+always). Gradients follow: ``jax.grad`` with respect to the stack is the sum of each
 example's gradient (the gather's transpose adds them up). A jitted function of
 ``(params, x, ids)`` accepts any other stack of the same shapes and any ``ids``
 without recompiling: that is hot swapping.
