@@ -20,7 +20,8 @@ LoRA trained from scratch on the same few windows, and (an upper bound, not few-
 trained on all of the task's training prose. The learned weights are also mixed with ``svd``
 (rank 8) and with PEFT's ``linear`` to show what those approximations cost.
 
-Run ``python -m experiments.lorahub`` (``--quick``, the default), ``--smoke`` or ``--full``.
+Run ``python -m experiments.lorahub`` (``--quick``, the default), ``--smoke`` (plumbing only,
+on a random base) or ``--full``.
 """
 
 from __future__ import annotations
@@ -70,11 +71,12 @@ class Size:
   eval_batches: int = 32
   max_chars: int | None = None
   n_upstream: int = len(UPSTREAM)
+  pretrained: bool = True      # False (smoke): a random base, no corpus and no pretraining
 
 
 SIZES = {
     "smoke": Size(base="smoke", rank=2, upstream_steps=6, shots=8, mix_steps=5, eval_batches=2,
-                  max_chars=50_000, n_upstream=3),
+                  max_chars=50_000, n_upstream=3, pretrained=False),
     "quick": Size(),
     "full": Size(upstream_steps=1000, mix_steps=400, eval_batches=128),
 }
@@ -210,7 +212,10 @@ def main(argv=None):
   out = common.Results(NAME, args)
   t0 = time.time()
   base_size = dataclasses.replace(rank_ablation.SIZES[size.base], eval_batches=size.eval_batches)
-  ctx = rank_ablation.setup(argparse_like(args, size.base), base_size)
+  if size.pretrained:
+    ctx = rank_ablation.setup(argparse_like(args, size.base), base_size)
+  else:
+    ctx = random_base(base_size, args.seed)
   vocab = data.CharVocab.ascii()
   seq = ctx.size.seq
   print(f"base loaded in {ctx.pretrain_seconds:.1f}s; code {ctx.base_bpc['code']:.4f} bpc", flush=True)
@@ -317,6 +322,15 @@ def main(argv=None):
   })
   print(f"total {total:.1f}s", flush=True)
   checks.finish(out)
+
+
+def random_base(size, seed: int):
+  """A randomly initialized GPT in a ``rank_ablation.Context`` (``--smoke``: plumbing only)."""
+  cfg = size.model_config(data.CharVocab.ascii().size)
+  model = gpt.GPT(cfg)
+  base = model.init(jax.random.key(seed), jnp.zeros((size.batch, size.seq), jnp.int32))
+  return rank_ablation.Context(size, cfg, model, None, base, rank_ablation.make_evaluator(model),
+                               {"code": float("nan")}, 0.0)
 
 
 def fmt(w) -> str:

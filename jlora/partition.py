@@ -16,8 +16,9 @@ def partition(params):
 
   Returns:
     adapter: every leaf of a complete adapter (``lora_a``, ``lora_b``,
-      ``lora_scale`` and, where present, ``lora_m`` and ``lora_dropout``) at its
-      path, nothing else. This is what you save and ship.
+      ``lora_scale`` and, where present, ``lora_m``, ``lora_dropout`` and a stacked
+      adapter's ``lora_ranks``) at its path, nothing else. This is what you save
+      and ship.
     base: every other leaf: the model's own params, which ``fn`` accepts.
   """
   flat = tree_lib.flatten(params)
