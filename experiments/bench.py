@@ -791,16 +791,23 @@ HLO_COLUMNS = ["model", "variant", "dot", "convolution", "custom_call", "fusion"
                "copy", "big_transpose", "kernel_dot", "kernel_add", "kernel_transpose"]
 
 
-def parse_args(doc: str, argv, *int_options: str):
-  """``common.parse_args`` plus ``--models`` (a comma-separated subset of the bench models)
-  and the given integer options; returns ``(args, options, models)``."""
+#: The models with single-adapter train-step variants (``multi`` has its own, above).
+TRAIN_MODELS = ("mlp", "transformer", "unet")
+
+
+def parse_args(doc: str, argv, *int_options: str, default_models=None):
+  """``common.parse_args`` plus ``--models`` (a comma-separated subset of the bench models;
+  ``default_models`` or all of them when absent) and the given integer options; returns
+  ``(args, options, models)``."""
   extra = argparse.ArgumentParser(add_help=False)
-  extra.add_argument("--models", default=None, help="comma-separated subset of mlp,transformer,unet")
+  extra.add_argument("--models", default=None,
+                     help="comma-separated subset of mlp,transformer,unet,multi")
   for name in int_options:
     extra.add_argument(f"--{name}", type=int, default=None)
   known, rest = extra.parse_known_args(argv if argv is not None else sys.argv[1:])
   args = common.parse_args(doc.splitlines()[0], rest)
-  models = known.models.split(",") if known.models else list(SIZES[args.size]["models"])
+  models = (known.models.split(",") if known.models
+            else list(default_models or SIZES[args.size]["models"]))
   return args, known, models
 
 

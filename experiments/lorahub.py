@@ -75,7 +75,7 @@ class Size:
 
 
 SIZES = {
-    "smoke": Size(base="smoke", rank=2, upstream_steps=6, shots=8, mix_steps=5, eval_batches=2,
+    "smoke": Size(base="smoke", rank=2, upstream_steps=5, shots=8, mix_steps=5, eval_batches=2,
                   max_chars=50_000, n_upstream=3, pretrained=False),
     "quick": Size(),
     "full": Size(upstream_steps=1000, mix_steps=400, eval_batches=128),
@@ -328,7 +328,7 @@ def random_base(size, seed: int):
   """A randomly initialized GPT in a ``rank_ablation.Context`` (``--smoke``: plumbing only)."""
   cfg = size.model_config(data.CharVocab.ascii().size)
   model = gpt.GPT(cfg)
-  base = model.init(jax.random.key(seed), jnp.zeros((size.batch, size.seq), jnp.int32))
+  base = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((size.batch, size.seq), jnp.int32))
   return rank_ablation.Context(size, cfg, model, None, base, rank_ablation.make_evaluator(model),
                                {"code": float("nan")}, 0.0)
 

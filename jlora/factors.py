@@ -12,11 +12,13 @@ factors' shapes alone:
   after the stack axes equals B's last; a DoRA magnitude (``S + O``) must fit too.
 
 Where both fit (a square Dense kernel, say), the reading with the smaller rank
-wins, and input-first on a tie. That is always right for the layouts ``jlora.init``
-builds, and a wrong reading could only move the rank axis onto an input or output
-axis: ``jlora.combine`` with the base then refuses the result, naming the path. To
-take the layout from the kernels instead, pass the adapted params (with kernels):
-their complete adapters are read exactly as ``jlora.adapters`` reads them.
+wins, and input-first on a tie. That is right for every adapter ``jlora.init`` builds
+on a kernel with one input axis or one output axis (Dense, Conv, Embed, attention
+projections), since its rank is at most that axis. Elsewhere a wrong reading could
+only move the rank axis onto an input or output axis, which ``jlora.combine`` with the
+base refuses, naming the path. To take the layout from the kernels instead, pass the
+adapted params (with kernels): their complete adapters are read exactly as
+``jlora.adapters`` reads them.
 """
 
 from __future__ import annotations

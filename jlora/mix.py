@@ -150,7 +150,7 @@ def _cat(parts):
   return a, b
 
 
-def exact_sum(parts):
+def _exact_sum(parts):
   """``Σ wᵢ·sᵢ·A₂ᵢ @ B₂ᵢ`` on the canonical matrices: ``stack + (fan_in, fan_out)``, float32."""
   total = 0.0
   for w, f in parts:
@@ -163,7 +163,7 @@ def exact_sum(parts):
 def _svd(parts, rank):
   """The top-``k`` singular triples of the exact sum, as ``A = U√S``, ``B = √S·Vᵀ``."""
   f0 = parts[0][1]
-  delta = exact_sum(parts)
+  delta = _exact_sum(parts)
   fan_in, fan_out = np.shape(delta)[-2:]
   k = min(rank if rank is not None else max(f.rank for _, f in parts), fan_in, fan_out)
   u, s, vt = jnp.linalg.svd(delta, full_matrices=False)
