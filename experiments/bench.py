@@ -31,6 +31,17 @@ Variants (float32, MSE to a fixed random target, ``optax.adam(1e-3)``):
   are the only differentiated and optimized leaves. Optional: skipped with a note
   when ``qwix`` is not installed.
 
+Several adapters at once (model ``multi``: the transformer with a 64-example batch, forward
+passes unless named ``step_``):
+
+* ``fwd_base``: the base model; ``fwd_one_r8``: one rank-8 adapter (factored);
+  ``fwd_merged_r8``: that adapter merged (single-adapter serving).
+* ``fwd_8x_r8``: 8 rank-8 adapters stacked (``jlora.stack_adapters``), example ``b`` with
+  adapter ``b % 8`` (``adapter_ids``); ``step_one_r8`` / ``step_8x_r8``: the train steps of
+  one adapter and of the 8 stacked ones on that batch.
+* ``fwd_mix3_r8``: a ``jlora.mix`` (``cat``) of 3 rank-8 adapters done inside the jitted
+  function, weights as arguments; ``fwd_one_r24``: one adapter of the same total rank.
+
 Per variant the compiled step also gives XLA's FLOP count (``cost_analysis``), a
 peak-memory estimate (``memory_analysis``: argument + output + temp - alias bytes),
 the optimizer-state bytes, and counts from the optimized HLO (dots, convolutions,
@@ -73,6 +84,8 @@ SIZES = {
             "mlp": dict(d=32, hidden=64, blocks=2, batch=2, seq=8, ranks=(1, 4)),
             "transformer": dict(d=32, hidden=64, heads=4, blocks=1, batch=2, seq=8, ranks=(4,)),
             "unet": dict(channels=(32,), image=8, batch=1, ranks=(4,)),
+            "multi": dict(d=32, hidden=64, heads=4, blocks=1, batch=8, seq=8, adapters=4, rank=4,
+                          mix=3),
         }),
     "quick": dict(
         warmup=1, rounds=9, peers=True, peer_rank=8,
@@ -81,6 +94,8 @@ SIZES = {
             "transformer": dict(d=512, hidden=2048, heads=8, blocks=4, batch=32, seq=128,
                                 ranks=(1, 8, 64)),
             "unet": dict(channels=(64, 128), image=32, batch=16, ranks=(8,)),
+            "multi": dict(d=512, hidden=2048, heads=8, blocks=4, batch=64, seq=128, adapters=8,
+                          rank=8, mix=3),
         }),
     "full": dict(
         warmup=2, rounds=12, peers=True, peer_rank=8,
@@ -89,6 +104,8 @@ SIZES = {
             "transformer": dict(d=512, hidden=2048, heads=8, blocks=4, batch=32, seq=128,
                                 ranks=(1, 8, 64)),
             "unet": dict(channels=(64, 128), image=32, batch=16, ranks=(1, 8, 64)),
+            "multi": dict(d=512, hidden=2048, heads=8, blocks=4, batch=64, seq=128, adapters=8,
+                          rank=8, mix=3),
         }),
 }
 
@@ -97,6 +114,8 @@ TARGET_FLOOR = 1.10      # jlora step time / floor step time
 TARGET_FULL_MLP = 0.80   # jlora step time / full fine-tuning, on the MLP stack
 TARGET_RANK = 1.15       # jlora rank-64 step time / rank-1 step time
 TARGET_FORWARD = 1.05    # merged-mode forward time / base forward time (inference; 1.00 +- noise)
+TARGET_PER_EXAMPLE = 1.3  # 64 examples over 8 stacked adapters / the same batch with one adapter
+TARGET_MIX = 1.1          # a cat mix of 3 adapters / one adapter of the same total rank
 
 
 # --------------------------------------------------------------------------------------
@@ -199,15 +218,16 @@ def build_setup(name: str, spec: dict, seed: int) -> Setup:
                  f"hidden={spec['hidden']}, x {spec['batch']}x{spec['seq']}x{spec['d']}",
                  model, tokens=(spec["batch"] * spec["seq"],),
                  nnx_builder=lambda rank, s: _nnx_mlp(spec, rank, s))
-  if name == "transformer":
+  if name in ("transformer", "multi"):
     model = Transformer(spec["d"], spec["hidden"], spec["heads"], spec["blocks"])
     x = normal(spec["batch"], spec["seq"], spec["d"])
     params = _random_params(model, x, seed=seed)
     return Setup(name, model.apply, params, (x,), normal(*x.shape),
-                 ["query", "key", "value", "out", "fc1", "fc2"], tuple(spec["ranks"]),
+                 ["query", "key", "value", "out", "fc1", "fc2"], tuple(spec.get("ranks", ())),
                  f"{spec['blocks']} pre-LN blocks, d={spec['d']}, {spec['heads']} heads, "
-                 f"mlp {spec['hidden']}, x {spec['batch']}x{spec['seq']}x{spec['d']}", model,
-                 tokens=(spec["batch"] * spec["seq"],))
+                 f"mlp {spec['hidden']}, x {spec['batch']}x{spec['seq']}x{spec['d']}"
+                 + (f", {spec['adapters']} adapters r{spec['rank']}" if name == "multi" else ""),
+                 model, tokens=(spec["batch"] * spec["seq"],))
   if name == "unet":
     chans = tuple(spec["channels"])
     # ctx_dim 48 differs from every token count, so shapes tell kernels from activations.
@@ -454,6 +474,112 @@ def make_qwix(s: Setup, rank: int, seed: int) -> Variant:
 
 
 # --------------------------------------------------------------------------------------
+# Several adapters at once (model "multi").
+
+
+def make_call(name: str, kind: str, fn, state: tuple, batch: tuple, rank=None) -> Variant:
+  """A jitted ``fn(*state, *batch)`` that updates nothing (an inference pass)."""
+  state = _copy(tuple(state))
+  compiled, secs = _compile(fn, *state, *batch)
+  return Variant(name, kind, rank, compiled, state, tuple(batch), 0, 0, 0, secs)
+
+
+def make_step(name: str, kind: str, params, loss, batch: tuple, rank) -> Variant:
+  """``jlora.train_step(loss, jlora.optimizer(adam, params))``, params and state donated."""
+  params = _copy(params)
+  tx = jlora.optimizer(optax.adam(LR), params)
+  opt_state = tx.init(params)
+  step = jlora.train_step(loss, tx)
+  t0 = time.perf_counter()
+  compiled = step.lower(params, opt_state, *batch).compile()
+  return Variant(name, kind, rank, compiled, (params, opt_state), tuple(batch), 2,
+                 _nbytes(opt_state), jlora.count_params(params).trainable,
+                 time.perf_counter() - t0)
+
+
+def build_multi_variants(s: Setup, spec: dict, seed: int) -> list[Variant]:
+  """The variants of the ``multi`` model (see the module docstring)."""
+  r, n, k = spec["rank"], spec["adapters"], spec["mix"]
+  x, base = s.inputs[0], s.params
+  apply = jlora.lora(s.apply)
+  one = lora_params(s, r, seed)
+  trees = [jlora.partition(lora_params(s, r, seed + 1 + i))[0] for i in range(n)]
+  stacked = jlora.combine(jlora.stack_adapters(trees), base)
+  ids = jnp.arange(x.shape[0], dtype=jnp.int32) % n
+  mixed = {f"a{i}": trees[i] for i in range(k)}
+  weights = jnp.linspace(0.5, 1.5, k)
+  per_example = lambda p, x, ids: apply(p, x, adapter_ids=ids)
+  mix_forward = lambda ads, base, w, x: apply(jlora.combine(jlora.mix(ads, w), base), x)
+  loss_one = lambda p, x, t: _mse(apply(p, x), t)
+  loss_many = lambda p, x, ids, t: _mse(apply(p, x, adapter_ids=ids), t)
+  makers = [
+      lambda: make_call("fwd_base", "forward", s.apply, (base,), (x,)),
+      lambda: make_call(f"fwd_one_r{r}", "forward", apply, (one,), (x,), r),
+      lambda: make_call(f"fwd_merged_r{r}", "forward", jlora.lora(s.apply, mode="merged"),
+                        (one,), (x,), r),
+      lambda: make_call(f"fwd_{n}x_r{r}", "forward", per_example, (stacked,), (x, ids), r),
+      lambda: make_call(f"fwd_mix{k}_r{r}", "forward", mix_forward, (mixed, base), (weights, x),
+                        k * r),
+      lambda: make_call(f"fwd_one_r{k * r}", "forward", apply, (lora_params(s, k * r, seed),),
+                        (x,), k * r),
+      lambda: make_step(f"step_one_r{r}", "step", one, loss_one, (x, s.target), r),
+      lambda: make_step(f"step_{n}x_r{r}", "step", stacked, loss_many, (x, ids, s.target), r),
+  ]
+  variants = []
+  for make in makers:
+    v = make()
+    print(f"  compiled {s.name}/{v.name} in {v.compile_s:.1f}s", flush=True)
+    variants.append(v)
+  return variants
+
+
+def summarize_multi(s: Setup, spec: dict, variants: list[Variant]) -> list[dict]:
+  """Ratios of the ``multi`` variants: forward passes against one adapter (``t/one``) and the
+  base model (``t/base``), train steps against one adapter's step."""
+  by = {v.name: v for v in variants}
+  r = spec["rank"]
+  rows = []
+  for v in variants:
+    one = by[f"fwd_one_r{r}"] if v.kind == "forward" else by[f"step_one_r{r}"]
+    mem = memory(v.compiled)
+    rows.append({
+        "model": s.name, "variant": v.name, "kind": v.kind, "rank": v.rank or "",
+        "wall_ms": 1e3 * statistics.median(v.wall), "t/one": paired_ratio(v.wall, one.wall),
+        "t/base": paired_ratio(v.wall, by["fwd_base"].wall) if v.kind == "forward" else "",
+        "cpu/one": paired_ratio(v.cpu, one.cpu), "gflops": flops(v.compiled) / 1e9,
+        "flops/one": flops(v.compiled) / flops(one.compiled),
+        "temp_mib": mem.get("temp", 0) / 2**20, "compile_s": v.compile_s,
+        "wall_s": list(v.wall), "cpu_s": list(v.cpu), "flops": flops(v.compiled),
+    })
+  return rows
+
+
+def check_multi_targets(rows: list[dict], spec: dict) -> list[dict]:
+  """The several-adapters targets: per-example batching and mixing."""
+  by = {row["variant"]: row for row in rows}
+  r, n, k = spec["rank"], spec["adapters"], spec["mix"]
+  out = []
+
+  def add(target, a, b, bound):
+    wall = paired_ratio(a["wall_s"], b["wall_s"])
+    out.append({"model": a["model"], "target": target, "wall": wall,
+                "cpu": paired_ratio(a["cpu_s"], b["cpu_s"]), "flops": a["flops"] / b["flops"],
+                "met": wall <= bound})
+
+  add(f"{n} stacked adapters r{r} (forward) <= {TARGET_PER_EXAMPLE} x one adapter",
+      by[f"fwd_{n}x_r{r}"], by[f"fwd_one_r{r}"], TARGET_PER_EXAMPLE)
+  add(f"{n} stacked adapters r{r} (train step) <= {TARGET_PER_EXAMPLE} x one adapter",
+      by[f"step_{n}x_r{r}"], by[f"step_one_r{r}"], TARGET_PER_EXAMPLE)
+  add(f"cat mix of {k} r{r} (forward) <= {TARGET_MIX} x one adapter r{k * r}",
+      by[f"fwd_mix{k}_r{r}"], by[f"fwd_one_r{k * r}"], TARGET_MIX)
+  return out
+
+
+MULTI_COLUMNS = ["model", "variant", "t/one", "t/base", "cpu/one", "gflops", "flops/one",
+                 "temp_mib", "wall_ms"]
+
+
+# --------------------------------------------------------------------------------------
 # Compiled-program facts.
 
 
@@ -665,16 +791,23 @@ HLO_COLUMNS = ["model", "variant", "dot", "convolution", "custom_call", "fusion"
                "copy", "big_transpose", "kernel_dot", "kernel_add", "kernel_transpose"]
 
 
-def parse_args(doc: str, argv, *int_options: str):
-  """``common.parse_args`` plus ``--models`` (a comma-separated subset of the bench models)
-  and the given integer options; returns ``(args, options, models)``."""
+#: The models with single-adapter train-step variants (``multi`` has its own, above).
+TRAIN_MODELS = ("mlp", "transformer", "unet")
+
+
+def parse_args(doc: str, argv, *int_options: str, default_models=None):
+  """``common.parse_args`` plus ``--models`` (a comma-separated subset of the bench models;
+  ``default_models`` or all of them when absent) and the given integer options; returns
+  ``(args, options, models)``."""
   extra = argparse.ArgumentParser(add_help=False)
-  extra.add_argument("--models", default=None, help="comma-separated subset of mlp,transformer,unet")
+  extra.add_argument("--models", default=None,
+                     help="comma-separated subset of mlp,transformer,unet,multi")
   for name in int_options:
     extra.add_argument(f"--{name}", type=int, default=None)
   known, rest = extra.parse_known_args(argv if argv is not None else sys.argv[1:])
   args = common.parse_args(doc.splitlines()[0], rest)
-  models = known.models.split(",") if known.models else list(SIZES[args.size]["models"])
+  models = (known.models.split(",") if known.models
+            else list(default_models or SIZES[args.size]["models"]))
   return args, known, models
 
 
@@ -689,21 +822,36 @@ def main(argv=None):
 
   notes: list[str] = []
   rows: list[dict] = []
+  multi_rows: list[dict] = []
+  multi_targets: list[dict] = []
   shapes = {}
   for name in models:
-    s = build_setup(name, size["models"][name], args.seed)
+    spec = size["models"][name]
+    s = build_setup(name, spec, args.seed)
     shapes[name] = s.shape
     print(f"[{name}] {s.shape}", flush=True)
-    variants = build_variants(s, size, args.seed, notes)
+    if name == "multi":
+      variants = build_multi_variants(s, spec, args.seed)
+    else:
+      variants = build_variants(s, size, args.seed, notes)
     time_variants(variants, size["warmup"], size["rounds"], desc=name)
-    rows += summarize(s, variants)
+    if name == "multi":
+      multi_rows = summarize_multi(s, spec, variants)
+      multi_targets = check_multi_targets(multi_rows, spec)
+    else:
+      rows += summarize(s, variants)
     del variants
 
-  targets = check_targets(rows, size["peer_rank"])
-  results.table(rows, COLUMNS, title="Train step: time, FLOP and memory ratios "
-                "(time ratios: median over rounds of per-round ratios)", stem="results")
-  results.table(rows, HLO_COLUMNS, title="Optimized HLO: op counts (kernel_*: result has a "
-                "frozen adapted kernel's shape)", stem="hlo")
+  targets = check_targets(rows, size["peer_rank"]) + multi_targets
+  if rows:
+    results.table(rows, COLUMNS, title="Train step: time, FLOP and memory ratios "
+                  "(time ratios: median over rounds of per-round ratios)", stem="results")
+    results.table(rows, HLO_COLUMNS, title="Optimized HLO: op counts (kernel_*: result has a "
+                  "frozen adapted kernel's shape)", stem="hlo")
+  if multi_rows:
+    results.table(multi_rows, MULTI_COLUMNS, title="Several adapters at once (transformer, "
+                  "64-example batch): time ratios against one adapter and the base model "
+                  "(medians of per-round ratios)", stem="multi")
   if targets:
     results.table(targets, ["model", "target", "wall", "cpu", "flops", "met"],
                   title="Targets (ratios; met = wall ratio within the bound)", stem="targets")
@@ -712,6 +860,7 @@ def main(argv=None):
   path = results.save_json({
       "rounds": size["rounds"], "warmup": size["warmup"], "peer_rank": size["peer_rank"],
       "shapes": shapes, "notes": notes, "targets": targets, "rows": rows,
+      "multi_rows": multi_rows,
       "memory_peak": "argument + output + temp - alias bytes (compiled.memory_analysis())",
       "argv": sys.argv[1:] if argv is None else list(argv)})
   print(f"wrote {path}", flush=True)

@@ -467,3 +467,25 @@ def split_digits(images: np.ndarray, labels: np.ndarray, heldout_fraction: float
   """
   train_idx, held_idx = digits_split_indices(labels, heldout_fraction, seed)
   return (images[train_idx], labels[train_idx]), (images[held_idx], labels[held_idx])
+
+
+def stdlib_modules(names, root: str | Path | None = None) -> dict[str, list[tuple[str, str, str]]]:
+  """``{name: [(relpath, code, prose), ...]}`` for stdlib top-level packages or modules.
+
+  ``names`` are top-level names (``"email"`` is the package ``email/``, ``"smtplib"``
+  the module ``smtplib.py``); files are split by ``split_source`` as in
+  ``stdlib_corpus`` and listed in sorted path order. A name with no file maps to an
+  empty list; files that do not parse are skipped.
+  """
+  wanted = set(names)
+  out: dict[str, list[tuple[str, str, str]]] = {n: [] for n in names}
+  for rel, path in stdlib_files(root):
+    top = rel.split("/")[0].removesuffix(".py")
+    if top not in wanted:
+      continue
+    try:
+      code, prose = split_source(_decode(path.read_bytes()))
+    except (SyntaxError, tokenize.TokenError, UnicodeDecodeError, ValueError):
+      continue
+    out[top].append((rel, code, prose))
+  return out

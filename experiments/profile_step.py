@@ -147,7 +147,7 @@ COLUMNS = ["model", "variant", "step/floor", "products/floor", "copies/floor", "
 
 
 def main(argv=None):
-  args, known, models = bench.parse_args(__doc__, argv, "rank")
+  args, known, models = bench.parse_args(__doc__, argv, "rank", default_models=bench.TRAIN_MODELS)
   size = bench.SIZES[args.size]
   rank = known.rank or size["peer_rank"]
   calls = 2 if args.size == "smoke" else 5

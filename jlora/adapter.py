@@ -28,6 +28,16 @@ read back from the shapes alone; the one case the shapes cannot tell apart (a
 full-rank adapter, where ``r`` equals the kernel's fan-in or fan-out on a layout
 that also fits the other order) is read as input-first, and ``jlora.init``
 refuses to build it output-first.
+
+**Stacked adapters** (``jlora.stack_adapters``: several adapters of one kernel,
+one per example of a batch) carry one more sibling, ``lora_ranks``: int32 ``(n,)``,
+the rank of each of the ``n`` adapters before zero-padding. That leaf is the
+marker: where it stands, every other adapter leaf of the kernel (``lora_a``,
+``lora_b``, ``lora_scale``, ``lora_m``, ``lora_dropout``) leads with an *adapter
+axis* of length ``n``, before any stack axis. A stacked adapter is never read as an
+``nn.scan`` stack: ``read`` refuses it, so every function that needs one adapter per
+kernel (``merge``, ``lora(fn)`` without ``adapter_ids``, ``map_adapters``) raises an
+error that says how to use it; ``read_stacked`` reads it.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Iterator, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -51,7 +62,9 @@ TRAINABLE_ROLES = ("lora_a", "lora_b", "lora_m")
 #: ``lora_b0`` (float32, laid out like ``lora_a``/``lora_b``) keep that part, so the
 #: original ``W`` can be rebuilt and a saved adapter put onto the original base.
 RESIDUAL_ROLES = ("lora_a0", "lora_b0")
-CONSTANT_ROLES = ("lora_scale", "lora_dropout") + RESIDUAL_ROLES
+#: The marker of a stacked adapter (see the module docstring).
+STACKED_ROLE = "lora_ranks"
+CONSTANT_ROLES = ("lora_scale", "lora_dropout", STACKED_ROLE) + RESIDUAL_ROLES
 ROLES = TRAINABLE_ROLES + CONSTANT_ROLES
 #: The roles every adapter has.
 REQUIRED_ROLES = ("lora_a", "lora_b", "lora_scale")
@@ -295,10 +308,23 @@ def adapter_leaf_paths(flat: Mapping[Path, Any]) -> set[Path]:
   return {p for roles in find(flat).values() for p in roles.values()}
 
 
-def read(flat: Mapping[Path, Any], kernel_path: Path, roles: Mapping[str, Path]) -> Adapter:
+def _read_arrays(flat: Mapping[Path, Any], kernel_path: Path,
+                 roles: Mapping[str, Path]) -> Adapter:
   get = lambda r: tree_lib.value(flat[roles[r]]) if r in roles else None
-  ad = Adapter(kernel_path, quant.read_kernel(flat, kernel_path), get("lora_a"), get("lora_b"),
-               get("lora_scale"), get("lora_m"), get("lora_dropout"))
+  return Adapter(kernel_path, quant.read_kernel(flat, kernel_path), get("lora_a"), get("lora_b"),
+                 get("lora_scale"), get("lora_m"), get("lora_dropout"))
+
+
+def read(flat: Mapping[Path, Any], kernel_path: Path, roles: Mapping[str, Path]) -> Adapter:
+  """The adapter of one kernel, its layout checked.
+
+  Raises:
+    ValueError: the shapes fit no layout, or the adapter is stacked (see
+      ``read_stacked``).
+  """
+  if is_stacked(roles):
+    raise stacked_error(kernel_path)
+  ad = _read_arrays(flat, kernel_path, roles)
   check_layout(ad)
   return ad
 
@@ -307,6 +333,89 @@ def iter_adapters(flat: Mapping[Path, Any]) -> Iterator[Adapter]:
   """Every adapted kernel of a flat params view, in tree order."""
   for kp, roles in find(flat).items():
     yield read(flat, kp, roles)
+
+
+# ---------------------------------------------------------------------------
+# Stacked adapters.
+
+
+def is_stacked(roles: Mapping[str, Path]) -> bool:
+  """Whether the adapter with these leaves is stacked (has ``lora_ranks``)."""
+  return STACKED_ROLE in roles
+
+
+def stacked_error(kernel_path: Path) -> ValueError:
+  return ValueError(
+      f"the adapter of {path_str(kernel_path)!r} is stacked: it holds several adapters"
+      " along a leading adapter axis (jlora.stack_adapters), one per example, so it cannot"
+      " be used as one adapter. Call the wrapped model with adapter_ids="
+      " (jlora.lora(fn)(params, x, adapter_ids=ids), ids[b] the adapter of example b, -1"
+      " the base model), or take the adapters apart with jlora.unstack_adapters.")
+
+
+class StackedAdapter(NamedTuple):
+  """``n`` adapters of one kernel along a leading adapter axis (``jlora.stack_adapters``).
+
+  ``ad`` is an ``Adapter`` whose ``a``, ``b``, ``scale``, ``m`` and ``dropout`` lead
+  with the adapter axis ``(n,)`` (its kernel has none), their rank zero-padded to the
+  largest; ``ranks``: int32 ``(n,)``, each adapter's own rank (0 where an adapter does
+  not adapt this kernel; its factors and scale are zero there).
+  """
+  ad: Adapter
+  ranks: Any
+
+  @property
+  def n(self) -> int:
+    return np.shape(self.ranks)[0]
+
+  def slot_shapes(self) -> Adapter:
+    """One adapter's shapes: the arrays as ``jax.ShapeDtypeStruct`` without the adapter axis."""
+    one = lambda x: None if x is None else jax.ShapeDtypeStruct(np.shape(x)[1:], x.dtype)
+    ad = self.ad
+    return ad._replace(a=one(ad.a), b=one(ad.b), scale=one(ad.scale), m=one(ad.m),
+                       dropout=one(ad.dropout))
+
+  def take(self, i) -> Adapter:
+    """Adapter ``i`` (an int, or a traced integer scalar), still zero-padded."""
+    pick = lambda x: None if x is None else jnp.take(x, i, axis=0)
+    ad = self.ad
+    return ad._replace(a=pick(ad.a), b=pick(ad.b), scale=pick(ad.scale), m=pick(ad.m),
+                       dropout=pick(ad.dropout))
+
+
+def read_stacked(flat: Mapping[Path, Any], kernel_path: Path,
+                 roles: Mapping[str, Path]) -> StackedAdapter:
+  """The stacked adapter of one kernel, its layout checked (on one adapter's shapes).
+
+  Raises:
+    ValueError: the adapter is not stacked, ``lora_ranks`` is not an integer vector,
+      a leaf lacks the adapter axis, or one adapter's shapes fit no layout.
+  """
+  if not is_stacked(roles):
+    raise ValueError(f"the adapter of {path_str(kernel_path)!r} is not stacked.")
+  ad = _read_arrays(flat, kernel_path, roles)
+  ranks = tree_lib.value(flat[roles[STACKED_ROLE]])
+  if np.ndim(ranks) != 1 or not jnp.issubdtype(ranks.dtype, jnp.integer):
+    raise ValueError(f"lora_ranks of {ad.name!r} must be an integer vector (one rank per"
+                     f" adapter); got shape {np.shape(ranks)}, dtype {ranks.dtype}.")
+  n = np.shape(ranks)[0]
+  fields = {f: getattr(ad, f) for f in ("a", "b", "scale", "m", "dropout")
+            if getattr(ad, f) is not None}
+  short = [f for f, x in fields.items() if np.ndim(x) < 1 or np.shape(x)[0] != n]
+  if short:
+    raise ValueError(
+        f"the stacked adapter of {ad.name!r} has {n} adapters (lora_ranks {np.shape(ranks)}),"
+        f" but its {', '.join(short)} do not lead with an axis of {n}: "
+        + ", ".join(f"{f} {np.shape(fields[f])}" for f in short) + ".")
+  st = StackedAdapter(ad, ranks)
+  check_layout(st.slot_shapes())
+  return st
+
+
+def check_all(flat: Mapping[Path, Any]) -> None:
+  """Raise ``ValueError`` if any adapter of a flat view, plain or stacked, does not fit."""
+  for kp, roles in find(flat).items():
+    (read_stacked if is_stacked(roles) else read)(flat, kp, roles)
 
 
 def adapters(params) -> list[Adapter]:

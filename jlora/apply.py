@@ -44,6 +44,7 @@ import numpy as np
 from jlora import adapter as adapter_lib
 from jlora import merge as merge_lib
 from jlora import quant
+from jlora import per_example
 from jlora import tracing
 from jlora import tree as tree_lib
 from jlora import walk
@@ -156,8 +157,9 @@ class _Kernel(NamedTuple):
 
 
 def _entering(ad: Adapter, split: Split | None = None) -> _Kernel:
-  frozen = ad._replace(kernel=jax.tree.map(jax.lax.stop_gradient, ad.kernel),
-                       scale=None if ad.scale is None else jax.lax.stop_gradient(ad.scale))
+  # Only W is frozen. The scale keeps its gradient (a strength, or jlora.mix's weights,
+  # may be differentiated); where it is a constant, XLA drops that cotangent.
+  frozen = ad._replace(kernel=jax.tree.map(jax.lax.stop_gradient, ad.kernel))
   k = _Kernel(frozen, split or ad.split, (), ad.kernel.dtype)
   return k._replace(axes=tuple(k.stored))
 
@@ -184,9 +186,12 @@ def lora(fn, *, mode: str = "factored", on_fallback: str = "warn", unroll_max_ra
       never unrolls: see ``jlora.branch`` for what was measured.
 
   Returns:
-    ``wrapped(params, *args, lora_rng=None, **kw)``. ``params`` may hold adapter
-    leaves. ``lora_rng`` turns on the adapters' input dropout (the rate stored in
-    ``lora_dropout``); without it dropout is off. Its output equals
+    ``wrapped(params, *args, lora_rng=None, adapter_ids=None, **kw)``. ``params``
+    may hold adapter leaves. ``lora_rng`` turns on the adapters' input dropout (the
+    rate stored in ``lora_dropout``); without it dropout is off. ``adapter_ids``
+    (int ``(batch,)``) runs a stacked adapter tree (``jlora.stack_adapters``) with
+    adapter ``ids[b]`` on example ``b`` of every array argument, ``-1`` the base
+    model (``jlora.per_example``); a stacked tree without it is an error. Its output equals
     ``fn(jlora.merge(params), *args, **kw)`` to float tolerance, under ``jit``,
     ``grad``, ``vmap``, ``scan`` and ``remat``. ``params`` may be a quantized base
     (``jlora.quantize``), with or without adapters; pass it to ``jit`` as an
@@ -216,30 +221,38 @@ def lora(fn, *, mode: str = "factored", on_fallback: str = "warn", unroll_max_ra
       cache[key] = tracing.trace(fn, base, args, kwargs)
     return cache[key]
 
-  @functools.wraps(fn)
-  def wrapped(params, *args, lora_rng=None, **kwargs):
-    flat = tree_lib.flatten(params)
-    found = adapter_lib.find(flat)
-    quantized = quant.find(flat)
-    if mode == "merged" or not (found or quantized):
-      return fn(merge_lib.merge(params), *args, **kwargs)
+  def factored(params, flat, adapters: dict, args, kwargs, rng, whole_product: bool = True):
+    """``fn`` on ``params`` (flat view ``flat``) with ``{kernel path: Adapter}`` applied,
+    factored; quantized kernels without an adapter enter as frozen quantized products."""
     owned = adapter_lib.adapter_leaf_paths(flat)
+    quantized = quant.find(flat)
     # ``fn`` is traced on the float model: quantized kernels as float placeholders.
     base = tree_lib.unflatten({p: v for p, v in quant.float_view(flat).items()
                                if p not in owned}, params)
     traced = traced_for(base, args, kwargs)
     # The traced inputs are the arrays of this call (a cached trace holds an old call's).
     inputs = tracing.trace_inputs(base, args, kwargs)
-    jaxpr = traced.closed.jaxpr
     for kp, roles in quantized.items():
-      if kp not in found:
+      if kp not in adapters:
         inputs[traced.param_index[kp]] = _entering_quantized(kp, quant.read(flat, kp, roles))
-    for kp, roles in found.items():
-      inputs[traced.param_index[kp]] = _entering(adapter_lib.read(flat, kp, roles))
-    walker = _Factored(lora_rng, reported, on_fallback, unroll_max_rank)
-    outs = walker.run(jaxpr, traced.closed.consts, inputs)
+    for kp, ad in adapters.items():
+      inputs[traced.param_index[kp]] = _entering(ad)
+    walker = _Factored(rng, reported, on_fallback, unroll_max_rank, whole_product)
+    outs = walker.run(traced.closed.jaxpr, traced.closed.consts, inputs)
     return jax.tree_util.tree_unflatten(traced.out_tree,
                                         [walker.plain(o, "the output") for o in outs])
+
+  @functools.wraps(fn)
+  def wrapped(params, *args, lora_rng=None, adapter_ids=None, **kwargs):
+    flat = tree_lib.flatten(params)
+    found = adapter_lib.find(flat)
+    if adapter_ids is not None:
+      return per_example.call(fn, factored, mode, params, flat, found, adapter_ids, lora_rng,
+                              args, kwargs)
+    if mode == "merged" or not (found or quant.find(flat)):
+      return fn(merge_lib.merge(params), *args, **kwargs)
+    adapters = {kp: adapter_lib.read(flat, kp, roles) for kp, roles in found.items()}
+    return factored(params, flat, adapters, args, kwargs, lora_rng)
 
   return wrapped
 
@@ -251,14 +264,19 @@ def lora(fn, *, mode: str = "factored", on_fallback: str = "warn", unroll_max_ra
 class _Factored(walk.Walker):
   """Evaluates a jaxpr with ``_Kernel``s factored (see the module docstring)."""
 
-  def __init__(self, rng, reported: set, on_fallback: str, unroll_max_rank: int):
+  def __init__(self, rng, reported: set, on_fallback: str, unroll_max_rank: int,
+               whole_product: bool = True):
     self.rng, self.count = rng, 0
     self.reported, self.on_fallback = reported, on_fallback
     self.unroll_max_rank = unroll_max_rank
+    # Off under adapter_ids: there each example has its own factors, and lora_matmul's
+    # concatenated [W ; sB] would be one kernel-sized copy per example.
+    self.whole_product = whole_product
 
   def with_rng(self, rng) -> "_Factored":
     """The same walker with its own dropout key stream (inside a scan or remat body)."""
-    return _Factored(rng, self.reported, self.on_fallback, self.unroll_max_rank)
+    return _Factored(rng, self.reported, self.on_fallback, self.unroll_max_rank,
+                     self.whole_product)
 
   def next_key(self):
     self.count += 1
@@ -514,7 +532,8 @@ def _dot_general(eqn, ins, walker: _Factored):
   k_free = [lab for lab in k.axes if lab not in c_labels and lab not in b_labels]
   target = b_labels + (k_free + x_free if kernel_left else x_free + k_free)
   unroll = k.rank <= walker.unroll_max_rank
-  if (not unroll and not b_labels and xl is x and not kernel_left and not k.quantized
+  if (not unroll and walker.whole_product and not b_labels and xl is x and not kernel_left
+      and not k.quantized
       and x_labels == x_free + c_labels and list(k.axes) == c_labels + k_free == c_labels + q_free
       and x.dtype == k.dtype and kw.get("preferred_element_type") in (None, x.dtype)):
     # x·W + s·(x·A)·B as one product of plain matrices (see branch.lora_matmul); every

@@ -31,6 +31,13 @@ rank-r products are folded into the big ones by concatenation instead:
 * forward, when ``C + r < N``: ``y = [x | t]·[W ; sB]``;
 * backward, when ``N + r < C``: ``dx = [g | gb]·[W | A]ᵀ``.
 
+The scale ``s`` gets its true cotangent, ``Σ (tᵀ·g) ⊙ B``: an ``(r, N)`` product
+summed, made from ``tᵀ·g``, which ``dB`` needs anyway. So ``jax.grad`` with respect
+to ``lora_scale`` (a strength, or the weights of ``jlora.mix``) is exact. In a train
+step the scale is a constant and XLA removes this cotangent with the rest of the
+dead code: the compiled step's FLOPs are the same as with a zero cotangent
+(``tests/test_mix.py`` checks it).
+
 A ``custom_vjp`` has no forward-mode derivative: ``jax.jvp``/``jacfwd`` through
 ``jlora.lora(fn)`` need ``mode="merged"``.
 """
@@ -77,7 +84,7 @@ def lora_branch(x, a, b, s, batched: bool = False, precision=None, unroll: bool 
     x: ``(T, C)``, or ``(L, T, C)`` when ``batched`` (L stacked layers under vmap).
     a: ``(C, r)`` or ``(L, C, r)``.
     b: ``(r, N)`` or ``(L, r, N)``.
-    s: the scale, ``()`` or ``(L,)``; a constant (its cotangent is zero).
+    s: the scale, ``()`` or ``(L,)``.
     unroll: write the K=r products as r multiply-adds.
 
   Returns:
@@ -96,18 +103,23 @@ def _backward(batched, precision, unroll, res, g):
   x, a, b, s, t = res
   gb = _dot(g, _scaled(s, b, batched), g.ndim - 1, b.ndim - 1, batched, precision)
   dx = _times_rank(gb, a, a.ndim - 1, batched, precision, unroll)
-  da, db = _factor_grads(x, t, g, gb, s, batched, precision)
-  return (dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype), jnp.zeros_like(s))
+  da, db, ds = _factor_grads(x, t, g, gb, b, s, batched, precision)
+  return (dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype), ds)
 
 
-def _factor_grads(x, t, g, gb, s, batched, precision):
-  """``dA = (gbᵀ·x)ᵀ`` and ``dB = s·(tᵀ·g)``, contracting the tokens with the r-wide
-  operand on the left (the one XLA transposes). ``x`` may carry extra trailing columns
-  (``lora_matmul`` saves ``[x | t]``); only ``dA``'s matching rows are extra then."""
+def _factor_grads(x, t, g, gb, b, s, batched, precision):
+  """``dA = (gbᵀ·x)ᵀ``, ``dB = s·(tᵀ·g)`` and ``ds = Σ (tᵀ·g) ⊙ B``.
+
+  The token contractions take the r-wide operand on the left (the one XLA
+  transposes). ``x`` may carry extra trailing columns (``lora_matmul`` saves ``[x |
+  t]``); only ``dA``'s matching rows are extra then. ``ds`` has the shape and dtype
+  of ``s``; where ``s`` is a constant, XLA drops it as dead code.
+  """
   n = 1 if batched else 0  # the token axis
   da = jnp.swapaxes(_dot(gb, x, n, n, batched, precision), -1, -2)
-  db = _scaled(s, _dot(t, g, n, n, batched, precision), batched)
-  return da, db
+  tg = _dot(t, g, n, n, batched, precision)                     # (L?, r, N)
+  ds = jnp.sum(tg.astype(jnp.float32) * b.astype(jnp.float32), axis=(-2, -1))
+  return da, _scaled(s, tg, batched), ds.astype(jnp.result_type(s))
 
 
 lora_branch.defvjp(_forward, _backward)
@@ -122,7 +134,7 @@ def lora_matmul(x, w, a, b, s, precision=None):
     w: ``(C, N)``, the frozen kernel (its cotangent is zero: it is never computed).
     a: ``(C, r)``.
     b: ``(r, N)``.
-    s: the scale, ``()``; a constant.
+    s: the scale, ``()``.
 
   Returns:
     ``(T, N)``.
@@ -152,10 +164,9 @@ def _matmul_backward(precision, res, g):
               precision)
   else:
     dx = _dot(g, w, 1, 1, False, precision) + _dot(gb, a, 1, 1, False, precision)
-  da, db = _factor_grads(xt, t, g, gb, s, False, precision)
+  da, db, ds = _factor_grads(xt, t, g, gb, b, s, False, precision)
   da = da[:c]                                                       # x is xt's first C columns
-  return (dx.astype(xt.dtype), jnp.zeros_like(w), da.astype(a.dtype), db.astype(b.dtype),
-          jnp.zeros_like(s))
+  return (dx.astype(xt.dtype), jnp.zeros_like(w), da.astype(a.dtype), db.astype(b.dtype), ds)
 
 
 lora_matmul.defvjp(_matmul_forward, _matmul_backward)

@@ -16,14 +16,14 @@ def partition(params):
 
   Returns:
     adapter: every leaf of a complete adapter (``lora_a``, ``lora_b``,
-      ``lora_scale`` and, where present, ``lora_m`` and ``lora_dropout``) at its
-      path, nothing else. This is what you save and ship.
+      ``lora_scale`` and, where present, ``lora_m``, ``lora_dropout`` and a stacked
+      adapter's ``lora_ranks``) at its path, nothing else. This is what you save
+      and ship.
     base: every other leaf: the model's own params, which ``fn`` accepts.
   """
   flat = tree_lib.flatten(params)
   owned = adapter_lib.adapter_leaf_paths(flat)
-  for _ in adapter_lib.iter_adapters(flat):
-    pass  # validates every layout before anything is split
+  adapter_lib.check_all(flat)  # validates every layout before anything is split
   adapter = {p: v for p, v in flat.items() if p in owned}
   base = {p: v for p, v in flat.items() if p not in owned}
   return tree_lib.unflatten(adapter, params), tree_lib.unflatten(base, params)
@@ -54,6 +54,5 @@ def combine(adapter, base):
     raise ValueError(
         f"the adapter leaves {stray[:4]} belong to no complete adapter: each needs its"
         " kernel in the base and lora_a, lora_b and lora_scale beside it.")
-  for _ in adapter_lib.iter_adapters(flat):
-    pass  # raises on a shape mismatch, naming the path
+  adapter_lib.check_all(flat)  # raises on a shape mismatch, naming the path
   return tree_lib.unflatten(flat, base)

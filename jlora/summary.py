@@ -9,7 +9,6 @@ import numpy as np
 from jlora import adapter as adapter_lib
 from jlora import quant
 from jlora import tree as tree_lib
-from jlora.optim import trainable_roles
 
 
 class ParamCount(NamedTuple):
@@ -26,30 +25,57 @@ class ParamCount(NamedTuple):
 
 
 def count_params(params) -> ParamCount:
-  """Trainable and total parameter counts of an adapted tree."""
+  """Trainable and total parameter counts of an adapted tree.
+
+  A stacked adapter (``jlora.stack_adapters``) counts each of its adapters at its
+  own rank (``lora_ranks``), not the zero padding.
+  """
   flat = tree_lib.flatten(params)
   sizes = {p: int(np.size(tree_lib.value(v))) for p, v in flat.items()}
   quantized = quant.find(flat)
   sizes.update({p: quant.read(flat, p, roles).size for p, roles in quantized.items()})
   owned = adapter_lib.adapter_leaf_paths(flat) | quant.owned(quantized)
-  trainable = sum(sizes[p] for p in trainable_roles(flat))
+  trainable = sum(_trainable(flat, kp, roles, sizes)
+                  for kp, roles in adapter_lib.find(flat).items())
   base = sum(n for p, n in sizes.items() if p not in owned)
   return ParamCount(trainable, base + trainable)
+
+
+def _trainable(flat, kp, roles, sizes) -> int:
+  """The trainable parameters of one adapter (of every adapter of a stacked one)."""
+  m = sizes[roles["lora_m"]] if "lora_m" in roles else 0
+  if not adapter_lib.is_stacked(roles):
+    return sizes[roles["lora_a"]] + sizes[roles["lora_b"]] + m
+  st = adapter_lib.read_stacked(flat, kp, roles)
+  padded = st.slot_shapes().rank
+  per_rank = (sizes[roles["lora_a"]] + sizes[roles["lora_b"]]) // (st.n * padded) if padded else 0
+  return per_rank * int(np.sum(np.asarray(st.ranks))) + m
 
 
 def summary(params, print_fn=print) -> str:
   """A table of adapted layers: path, shapes, rank, scale, params; and the trainable %.
 
+  A stacked adapter is one row: its kind ends in ``[n adapters]`` and its rank
+  lists each adapter's own (the factors are padded to the largest).
   Prints it with ``print_fn`` (pass ``None`` to only return it).
   """
   rows = [("path", "kind", "kernel", "lora_a", "lora_b", "rank", "scale", "params")]
-  for ad in adapter_lib.adapters(params):
-    n = int(np.size(ad.a) + np.size(ad.b) + (np.size(ad.m) if ad.m is not None else 0))
+  flat = tree_lib.flatten(params)
+  sizes = {p: int(np.size(tree_lib.value(v))) for p, v in flat.items()}
+  for kp, roles in adapter_lib.find(flat).items():
+    if adapter_lib.is_stacked(roles):
+      st = adapter_lib.read_stacked(flat, kp, roles)
+      ad = st.ad
+      kind = _kind(st.slot_shapes()) + f" [{st.n} adapters]"
+      rank = ",".join(str(int(r)) for r in np.asarray(st.ranks))
+    else:
+      ad = adapter_lib.read(flat, kp, roles)
+      kind, rank = _kind(ad), str(ad.rank)
     scales = np.unique(np.asarray(ad.scale))
     scale = f"{scales[0]:.4g}" if scales.size == 1 else f"{scales.min():.4g}..{scales.max():.4g}"
-    rows.append((ad.name + (" (dora)" if ad.m is not None else ""), _kind(ad),
-                 _shape(ad.kernel), _shape(ad.a), _shape(ad.b),
-                 str(ad.rank), scale, f"{n:,}"))
+    rows.append((ad.name + (" (dora)" if ad.m is not None else ""), kind,
+                 _shape(ad.kernel), _shape(ad.a), _shape(ad.b), rank, scale,
+                 f"{_trainable(flat, kp, roles, sizes):,}"))
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
            for r in rows]

@@ -32,6 +32,27 @@ def randomize(params, key, scale=0.5):
   return tree_lib.unflatten(out, params)
 
 
+def random_adapted(base, cfg, *, fn=None, args=(), seed=0, scale=0.3):
+  """``jlora.init(key, base, cfg, fn=fn, args=args)`` with random A and B (and DoRA
+  magnitudes), drawn with NumPy: the shapes come from ``jax.eval_shape`` of init, so no
+  random kernel is compiled per shape (that dominates small tests on a busy CPU)."""
+  shapes = jax.eval_shape(lambda b: jlora.init(jax.random.key(0), b, cfg, fn=fn, args=args), base)
+  rng = np.random.default_rng(seed)
+  flat_base = tree_lib.flatten(base)
+  s = cfg.scale(cfg.rank, cfg.alpha)
+
+  def fill(path, leaf):
+    name = path[-1] if isinstance(path[-1], str) else ""
+    if name.endswith("lora_a") or name.endswith("lora_b"):
+      return jnp.asarray(scale * rng.normal(size=leaf.shape), leaf.dtype)
+    if name.endswith("lora_m"):
+      return jnp.asarray(1 + rng.uniform(size=leaf.shape), leaf.dtype)
+    if name.endswith("lora_scale"):
+      return jnp.full(leaf.shape, s, leaf.dtype)
+    return flat_base[path]
+  return tree_lib.map_paths(fill, shapes)
+
+
 def assert_trees_close(a, b, rtol=1e-4, atol=1e-5):
   fa, fb = tree_lib.flatten(a), tree_lib.flatten(b)
   assert fa.keys() == fb.keys()
@@ -91,6 +112,52 @@ class NNXNet(nnx.Module):
 
   def __call__(self, tokens):
     return self.fc2(nnx.relu(self.conv(self.fc1(self.embed(tokens)))))
+
+
+def kinds_fn(p, tokens, img):
+  """A small plain model with every kind of adapted product: an embedding lookup, a
+  DenseGeneral (d, heads, head_dim) and its output projection (heads, head_dim, d), a
+  Dense and a 2-D conv. ``tokens`` int (B, T), ``img`` (B, H, W, 2); returns
+  ``((B, T, 5), (B, H, W, 4))``."""
+  h = jnp.take(p["emb"]["embedding"], tokens, axis=0)
+  q = jnp.einsum("btd,dhk->bthk", h, p["qkv"]["kernel"])
+  o = jnp.einsum("bthk,hkd->btd", jnp.tanh(q), p["out"]["kernel"])
+  y = jnp.tanh(o) @ p["fc"]["kernel"]
+  c = jax.lax.conv_general_dilated(img, p["conv"]["kernel"], (1, 1), "SAME",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return y, c
+
+
+def kinds_model(batch=2, key=0):
+  """``(base params, (tokens, img))`` for ``kinds_fn``."""
+  k = jax.random.split(jax.random.key(key), 6)
+  base = {"emb": {"embedding": jax.random.normal(k[0], (11, 6))},
+          "qkv": {"kernel": jax.random.normal(k[1], (6, 2, 3)) / 3},
+          "out": {"kernel": jax.random.normal(k[2], (2, 3, 6)) / 3},
+          "fc": {"kernel": jax.random.normal(k[3], (6, 5)) / 3},
+          "conv": {"kernel": jax.random.normal(k[4], (3, 3, 2, 4)) / 3}}
+  tokens = jax.random.randint(k[5], (batch, 3), 0, 11)
+  img = jax.random.normal(jax.random.fold_in(k[5], 1), (batch, 5, 5, 2))
+  return base, (tokens, img)
+
+
+class _DenseStep(nn.Module):
+  features: int
+
+  @nn.compact
+  def __call__(self, c, _):
+    return jnp.tanh(nn.Dense(self.features, name="d")(c)), None
+
+
+class ScanDense(nn.Module):
+  """Three tanh Dense layers as one ``nn.scan``: a stacked kernel ``(3, f, f)``."""
+  features: int = 6
+
+  @nn.compact
+  def __call__(self, x):
+    stack = nn.scan(_DenseStep, variable_axes={"params": 0}, split_rngs={"params": True},
+                    length=3)
+    return stack(self.features, name="layers")(x, None)[0]
 
 
 def plain_params(key):

@@ -27,6 +27,15 @@ def smoke(tmp_path_factory):
 def test_smoke_has_every_variant_with_positive_times(smoke):
   payload, out = smoke
   rows = payload["rows"]
+  multi = {r["variant"]: r for r in payload["multi_rows"]}
+  assert {"fwd_base", "fwd_one_r4", "fwd_4x_r4", "fwd_mix3_r4", "fwd_one_r12", "step_one_r4",
+          "step_4x_r4"} <= set(multi)
+  for r in multi.values():
+    assert len(r["wall_s"]) == payload["rounds"] and min(r["wall_s"]) > 0, r["variant"]
+  # a cat mix is one adapter of the summed rank: its FLOPs, plus scaling the factors
+  one = multi["fwd_one_r12"]["flops"]
+  assert one <= multi["fwd_mix3_r4"]["flops"] <= 1.01 * one
+  assert any("stacked adapters" in t["target"] for t in payload["targets"])
   by_model = {}
   for r in rows:
     by_model.setdefault(r["model"], {})[r["variant"]] = r
@@ -38,7 +47,7 @@ def test_smoke_has_every_variant_with_positive_times(smoke):
       assert len(r["wall_s"]) == payload["rounds"] and min(r["wall_s"]) > 0, (model, r["variant"])
       assert r["wall_ms"] > 0 and r["flops"] > 0 and r["peak_mib"] > 0
     assert by_model[model]["full"]["t/full"] == 1.0
-  for name in ("results.md", "results.csv", "hlo.md"):
+  for name in ("results.md", "results.csv", "hlo.md", "multi.md"):
     assert (out / name).exists()
 
 

@@ -134,3 +134,22 @@ def test_compile_time_smoke(tmp_path):
   assert variants == {"full", "jlora", "jlora_unrolled", "jlora_merged"}
   for r in payload["rows"]:
     assert r["trace_s"] > 0 and r["compile_s"] > 0 and r["total/full"] > 0
+
+
+@pytest.mark.slow
+def test_lorahub_smoke(tmp_path):
+  # Upstream adapters, learned mixing weights, the baselines and the exactness checks.
+  run_smoke("lorahub", tmp_path)
+  payload = json.loads((tmp_path / "results.json").read_text())
+  for key in ("config", "upstream", "target", "rows", "weights", "mix_curve", "exactness",
+              "traces", "checks"):
+    assert key in payload, key
+  kinds = {r["kind"] for r in payload["rows"]}
+  assert {"base", "single", "single_tuned", "uniform", "learned", "learned_svd",
+          "learned_linear", "few_shot_lora", "upper_bound"} <= kinds
+  result = {c["check"]: c["result"] for c in payload["checks"]}
+  # plumbing that must hold even in a smoke run: exact mixing, exact gradients, no retracing
+  for name in ("cat mix = W + Σ wᵢ·Δᵢ", "grad wrt the weights: factored = merged",
+               "the weight step compiled twice only (one mix of 1, one of n adapters)"):
+    assert result[name] == "PASS", name
+  assert {"run", "weights", "target_bpc"} <= set(read_csv(tmp_path / "results.csv")[0])
