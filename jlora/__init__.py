@@ -17,6 +17,7 @@ from jlora.merge import deltas, merge, unmerge
 from jlora.optim import (optimizer, split_trainable, train_step, trainable_mask,
                          value_and_grad)
 from jlora.partition import combine, partition
+from jlora.sharding import shardings
 from jlora.summary import ParamCount, adapter_bytes, count_params, summary
 from jlora.transform import init
 
@@ -26,5 +27,5 @@ __all__ = [
     "Adapter", "LoraConfig", "LoraFallbackWarning", "ParamCount", "Split", "adapter_bytes",
     "adapters", "analysis", "combine", "count_params", "deltas", "init", "lora",
     "map_adapters", "merge", "optimizer", "partition", "scale", "split_trainable",
-    "summary", "train_step", "trainable_mask", "unmerge", "value_and_grad",
+    "shardings", "summary", "train_step", "trainable_mask", "unmerge", "value_and_grad",
 ]

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import adapter as adapter_lib
+from jlora import explicit
 from jlora import merge as merge_lib
 from jlora import tracing
 from jlora import tree as tree_lib
@@ -454,21 +455,31 @@ def _dot_general(eqn, ins, walker: _Factored):
   x_free = [lab for lab in x_labels if lab[0] == "x"]
   q_free = [lab for lab in q_labels if lab != "r" and lab not in b_labels]
   sizes = {**dict(zip(x_labels, np.shape(xl))), **dict(zip(q_labels, np.shape(q)))}
-  lead = [math.prod(sizes[lab] for lab in b_labels)] if b_labels else []
-  flat = lambda arr, labels, order, *shape: jnp.reshape(
-      jnp.transpose(arr, [labels.index(lab) for lab in order]), lead + list(shape))
+  lead = [len(b_labels)] if b_labels else []
+  flat = lambda arr, labels, groups: explicit.merge_axes(
+      jnp.transpose(arr, [labels.index(lab) for g in groups for lab in g]),
+      lead + [len(g) for g in groups[1:]])
   prod = lambda labs: math.prod(sizes[lab] for lab in labs)
-  x2 = flat(xl, x_labels, b_labels + x_free + c_labels, prod(x_free), prod(c_labels))
-  p2 = flat(p, p_labels, b_labels + c_labels + ["r"], prod(c_labels), k.rank)
-  q2 = flat(q, q_labels, b_labels + ["r"] + q_free, k.rank, prod(q_free))
+  x2 = flat(xl, x_labels, [b_labels, x_free, c_labels])
+  p2 = flat(p, p_labels, [b_labels, c_labels, ["r"]])
+  q2 = flat(q, q_labels, [b_labels, ["r"], q_free])
   scale = jnp.reshape(_expand(k.ad.scale, k.stack_labels, b_labels), (-1,)) if b_labels \
       else k.ad.scale
   k_free = [lab for lab in k.axes if lab not in c_labels and lab not in b_labels]
   target = b_labels + (k_free + x_free if kernel_left else x_free + k_free)
   unroll = k.rank <= walker.unroll_max_rank
-  if (not unroll and not b_labels and xl is x and not kernel_left
-      and x_labels == x_free + c_labels and list(k.axes) == c_labels + k_free == c_labels + q_free
-      and x.dtype == k.dtype and kw.get("preferred_element_type") in (None, x.dtype)):
+  base = functools.partial(jax.lax.dot_general, *((k.base(), x) if kernel_left else (x, k.base())),
+                           eqn.params["dimension_numbers"], **kw,
+                           **{p: eqn.params[p] for p in ("out_sharding",) if p in eqn.params})
+  # On Explicit mesh axes the branch is laid out like the base product's output
+  # (``y_at``: its spec entry per label); elsewhere nothing is said about layouts.
+  y = base() if explicit.typed(x) is not None else None
+  y_at = {} if y is None else dict(zip(target, explicit.entries(y)))
+  if y is not None:
+    p2, q2 = _branch_layout(x2, p2, q2, y_at, q_free, sizes, bool(b_labels))
+  elif (not unroll and not b_labels and xl is x and not kernel_left
+        and x_labels == x_free + c_labels and list(k.axes) == c_labels + k_free == c_labels + q_free
+        and x.dtype == k.dtype and kw.get("preferred_element_type") in (None, x.dtype)):
     # x·W + s·(x·A)·B as one product of plain matrices (see branch.lora_matmul); every
     # reshape here is a bitcast, since x and W are already laid out (T, C) and (C, N).
     y = lora_matmul(x2, jnp.reshape(k.base(), (prod(c_labels), prod(k_free))), p2, q2, scale,
@@ -476,15 +487,31 @@ def _dot_general(eqn, ins, walker: _Factored):
     y = jnp.reshape(y, [sizes[lab] for lab in x_free + k_free])
     return y if k.ad.m is None else y * _dora_factor(k, target, y.dtype)
   u = lora_branch(x2, p2, q2, scale, bool(b_labels), kw.get("precision"), unroll)
-  u = jnp.reshape(u, [sizes[lab] for lab in b_labels + x_free + q_free])
   u_labels = b_labels + x_free + q_free
+  u = explicit.split_axes(u, lead + [len(x_free), len(q_free)], [sizes[lab] for lab in u_labels],
+                          [y_at.get(lab) for lab in u_labels])
   y_lora = jnp.transpose(u, [u_labels.index(lab) for lab in target])
-  y = jax.lax.dot_general(*((k.base(), x) if kernel_left else (x, k.base())),
-                          eqn.params["dimension_numbers"], **kw)
+  y = base() if y is None else y
   if k.ad.m is not None:
     f = _dora_factor(k, target, y.dtype)
     y, y_lora = y * f, y_lora * f
   return y + y_lora.astype(y.dtype)
+
+
+def _branch_layout(x2, p2, q2, y_entries: dict, q_free: list, sizes: dict, batched: bool):
+  """On Explicit mesh axes: the factors laid out for the branch to run where the base
+  product runs. ``p2 (L?, C, r)`` takes ``x2``'s sharding of the contracted axis (an
+  FSDP-sharded A is gathered, like its kernel; under tensor parallelism this is
+  already so), and ``q2 (L?, r, N)`` takes the base output's sharding of its output
+  axes (``y_entries``, per label). Each ``reshard`` is outside the branch's
+  ``custom_vjp``, so autodiff transposes it (to a slice of the summed gradient)."""
+  xe = explicit.entries(x2)
+  lead = xe[:1] if batched else ()
+  mesh = explicit.typed(x2).mesh
+  _, n = explicit.merged(tuple(y_entries[lab] for lab in q_free),
+                         tuple(sizes[lab] for lab in q_free), dict(mesh.shape))
+  return (explicit.reshard(p2, explicit.like(p2, lead + (xe[-1], None))),
+          explicit.reshard(q2, explicit.like(q2, lead + (None, n))))
 
 
 def _dora_factor(k: _Kernel, labels, dtype):

@@ -21,15 +21,16 @@ import jax
 import jax.numpy as jnp
 
 from jlora import adapter as adapter_lib
+from jlora import sharding as sharding_lib
 from jlora import split as split_lib
 from jlora import targets as targets_lib
 from jlora import tree as tree_lib
 from jlora.config import LoraConfig
 from jlora.merge import column_norm
-from jlora.sharding import placed_like
 
 
-def init(key, params, cfg: LoraConfig, *, fn=None, args=(), kwargs=None):
+def init(key, params, cfg: LoraConfig, *, fn=None, args=(), kwargs=None,
+         replicate: sharding_lib.Replicate = False):
   """Returns ``params`` with adapter leaves beside every targeted kernel.
 
   Args:
@@ -42,6 +43,16 @@ def init(key, params, cfg: LoraConfig, *, fn=None, args=(), kwargs=None):
     fn, args, kwargs: optionally the function you will wrap with ``jlora.lora``
       and example inputs; the kernels' in/out splits are then read from it
       (``split.read``) instead of the default rule.
+    replicate: where the adapters of sharded kernels go. ``False``: beside their
+      kernel, by ``jlora.sharding``'s rule; ``True``: replicated on its mesh; mesh
+      axis names: the rule without those axes. Pass the same to ``jlora.shardings``.
+
+  Placement: each adapter is built where its kernel lives, as global arrays (so
+  also across processes): on the kernel's device, or sharded like it on a mesh
+  (``jlora.sharding``). Under ``jit`` that holds on Explicit mesh axes, where the
+  kernel's sharding is part of its type; on Auto axes it cannot be seen, so give
+  that ``jit`` ``out_shardings=jlora.shardings(...)``. Uncommitted kernels get
+  uncommitted adapters.
 
   Returns:
     A new tree. With ``init="pissa"`` or ``"olora"`` the targeted kernels hold the
@@ -60,18 +71,43 @@ def init(key, params, cfg: LoraConfig, *, fn=None, args=(), kwargs=None):
   if fn is not None:
     found = split_lib.read(fn, params, args, kwargs)
   targets = targets_lib.select(flat, cfg, found)
+  kernels = [tree_lib.value(flat[t.path]) for t in targets]
+  residual = cfg.init in ("pissa", "olora")
+
+  def make(key, kernels):
+    out = []
+    for t, w in zip(targets, kernels):
+      kernel, leaves = _init_one(jax.random.fold_in(key, zlib.crc32(t.name.encode())), w, t, cfg)
+      out.append((kernel if residual else None, leaves))
+    return out
+
+  # Each kernel's adapter is built where the kernel lives (see jlora.sharding); the
+  # kernel itself is an output only when the init rewrites it (PiSSA, OLoRA).
+  where = [_placement(w, t, cfg, replicate) for t, w in zip(targets, kernels)]
+  built = sharding_lib.build(make, (key, kernels), where)
   out = dict(flat)
-  for t in targets:
-    k = jax.random.fold_in(key, zlib.crc32(t.name.encode()))
+  for t, (kernel, leaves) in zip(targets, built):
     leaf = flat[t.path]
-    w = tree_lib.value(leaf)
-    kernel, leaves = _init_one(k, w, t, cfg)
-    leaves = placed_like(w, leaves)
-    out[t.path] = tree_lib.rewrap(leaf, kernel)
+    if residual:
+      out[t.path] = tree_lib.rewrap(leaf, kernel)
     roles = adapter_lib.role_paths(t.path)
     for role, arr in leaves.items():
       out[roles[role]] = adapter_lib.new_leaf(leaf, arr, role)
   return tree_lib.unflatten(out, params)
+
+
+def _placement(w, t: targets_lib.Target, cfg: LoraConfig, replicate):
+  """``(kernel sharding or None, {role: sharding})`` of what ``_init_one`` builds for
+  one target, or None where the kernel carries no placement to follow (an
+  uncommitted array, or a traced one on Auto mesh axes)."""
+  s = sharding_lib.carried(w)
+  if s is None:
+    return None
+  rule = sharding_lib.adapter_shardings(s, t.split, len(t.shape), replicate=replicate,
+                                        where=t.name)
+  roles = ["lora_a", "lora_b", "lora_scale"] + ["lora_m"] * cfg.dora \
+      + ["lora_dropout"] * (cfg.dropout > 0)
+  return (s if cfg.init in ("pissa", "olora") else None), {r: rule[r] for r in roles}
 
 
 def _init_one(key, w, t: targets_lib.Target, cfg: LoraConfig):

@@ -1,0 +1,277 @@
+"""jlora on a device mesh: 8 simulated CPU devices, in a subprocess of their own.
+
+Meshes (``mesh_setups.SETUPS``): (8,) data parallel; (2, 4) data x model with
+Megatron column/row sharding; (8,) FSDP (kernels sharded on their first input axis
+over 'data'); ``nn.scan``-stacked layers on (2, 4) Megatron and on (8,) FSDP. Each
+runs 5 Adam steps of ``jlora.train_step`` from adapters that ``jlora.init`` placed,
+and must give one device's losses (rtol 1e-5), keep every adapter leaf and Adam
+moment where it started, compile once, and donate without a warning.
+
+Auto and Explicit mesh axes both run where the layout allows it without LoRA.
+linen's ``Dense`` passes no ``out_sharding``, so a row-parallel linen layer cannot
+run on Explicit axes even without LoRA (``test_linen_row_parallel_fails_explicit_without_lora_too``);
+the linen Megatron layouts (``tp_linen``, ``scan_tp``) run on Auto axes, and the NNX
+one (``tp``, whose row-parallel layers pass ``out_sharding``) on both.
+"""
+
+import functools
+import os
+import re
+
+import jax
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import devices
+import jlora
+import mesh_setups as ms
+from experiments import collectives
+from jlora import tree as tree_lib
+
+test_on_8_devices = devices.launcher(__file__)
+
+CASES = [("dp", False), ("dp", True), ("tp", False), ("tp", True), ("fsdp", False),
+         ("fsdp", True), ("scan_tp", False), ("scan_fsdp", True)]
+
+
+@functools.cache
+def _run(name, explicit):
+  return ms.run(name, explicit)
+
+
+@functools.cache
+def _reference(model):
+  return ms.reference(next(n for n, s in ms.SETUPS.items() if s.model == model))
+
+
+def _adapter_floats(params, local_to=None) -> int:
+  """Adapter floats (trainable leaves), or those one device holds when ``local_to``."""
+  flat = tree_lib.flatten(params)
+  total = 0
+  for p in jlora.optim.trainable_roles(flat):
+    v = tree_lib.value(flat[p])
+    total += int(np.prod(v.sharding.shard_shape(v.shape) if local_to else v.shape))
+  return total
+
+
+# Collectives per device per step, from the compiled step (experiments/collectives.py):
+# {(kind, mesh axes): (instructions, runs per step)}. T: tokens per device, r = 4.
+EXPECTED = {
+    # DP: the adapter gradients (and the loss) summed over 'data', all in one op
+    # (XLA combines them). The frozen kernels have no gradient to sync.
+    "dp": {("all-reduce", ("data",)): (1, 1)},
+    # Megatron over 'model': forward, out-proj and fc2 (row-parallel) each sum their
+    # partial outputs, T x D, and carry the branch's partial x·A, T x r, in the same
+    # op; backward, fc1 (column-parallel) sums its input gradient, T x D, with its
+    # T x r g·Bᵀ in the same op, and q/k/v sum only their T x r g·Bᵀ (their input
+    # gradient is not needed: the block's input is data). One more op over 'data':
+    # the adapter gradient shards and the loss.
+    "tp": {("all-reduce", ("model",)): (4, 4), ("all-reduce", ("data",)): (1, 1)},
+    # FSDP: each of the 6 kernels and its A (sharded like its input axis) gathered
+    # once, and the adapter gradients summed over 'data' (XLA:CPU: all-reduce, then a
+    # slice, for A). Auto axes: the partitioner also gathers A's r columns again in the
+    # unrolled backward of the 3 layers whose input gradient is needed (out, fc1,
+    # fc2): 12 more r-wide gathers; Explicit axes gather A once, before the branch.
+    "fsdp": {("all-gather", ("data",)): (12, 12), ("all-reduce", ("data",)): (1, 1)},
+    "fsdp/auto": {("all-gather", ("data",)): (24, 24), ("all-reduce", ("data",)): (1, 1)},
+    # The Megatron step per layer of a 2-layer scan: the 4 model-axis sums of "tp" run
+    # once per layer (in the scan's while body), the last one now with q/k/v's T x D
+    # input gradients too (the layer below trains); the adapter gradients are summed
+    # per layer inside the loop, the loss once.
+    "scan_tp": {("all-reduce", ("model",)): (4, 8), ("all-reduce", ("data",)): (2, 3)},
+    # FSDP per layer of the scan: forward gathers the 6 kernels and 6 A's, backward
+    # gathers the 6 kernels again (FSDP keeps no gathered kernel across the loop);
+    # gradient sums as in "scan_tp".
+    "scan_fsdp": {("all-gather", ("data",)): (18, 36), ("all-reduce", ("data",)): (2, 3)},
+}
+
+
+@devices.mesh_only
+@pytest.mark.parametrize("name,explicit", CASES,
+                         ids=[f"{n}-{'explicit' if e else 'auto'}" for n, e in CASES])
+def test_step_on_mesh(name, explicit):
+  r = _run(name, explicit)
+  np.testing.assert_allclose(r.losses, _reference(ms.SETUPS[name].model), rtol=1e-5)
+  for i, specs in enumerate(r.specs):
+    moved = {tree_lib.path_str(p[1:]) for p in specs if specs[p] != r.expected[p]}
+    assert not moved, f"step {i + 1} moved {sorted(moved)}"
+  assert r.cache_size == 1, "the step compiled again"
+  assert not [w for w in r.warnings if "donated" in w], r.warnings
+
+  found = collectives.collectives(r.hlo, r.mesh)
+  got = {k: (v["count"], v["runs"]) for k, v in collectives.summary(found).items()}
+  key = f"{name}/{'explicit' if explicit else 'auto'}"
+  assert got == EXPECTED.get(key, EXPECTED[name]), collectives.describe(found)
+  assert not [c for c in found if c["kind"] == "reduce-scatter"]  # frozen kernels: no grads
+
+  # Over 'data' go exactly the adapter gradients and the loss: no weight gradient.
+  # Each device sums the gradient shards it holds; an FSDP-sharded A's gradient is
+  # summed whole and then sliced (XLA:CPU makes no reduce-scatter of it).
+  sync = sum(c["bytes"] * c["runs"] for c in found if c["axes"] == ("data",)
+             and c["kind"] == "all-reduce")
+  floats = _adapter_floats(r.params, local_to="fsdp" not in name)
+  assert sync == 4 * (floats + 1), (sync, floats)
+  layers = ms.LAYERS if name.startswith("scan") else 1
+  if name in ("tp", "scan_tp"):
+    # Over 'model': T x D sums the base needs anyway, plus one T x r partial per
+    # adapted matrix per layer (what LoRA adds: r/D of a base sum).
+    t = ms.BATCH * ms.SEQ // 2
+    base_sums = (3 if name == "tp" else 6) * layers
+    model = sum(c["bytes"] * c["runs"] for c in found if c["axes"] == ("model",))
+    assert model == 4 * t * (base_sums * ms.D + 6 * layers * ms.RANK), collectives.describe(found)
+    assert all(any(d[-1] == ms.RANK for _, d in c["operands"]) for c in found
+               if c["axes"] == ("model",)), collectives.describe(found)
+
+
+# Expected adapter specs, written out from the rule (lora_a: input entries + None;
+# lora_b: None + output entries; the stack axis keeps its entry).
+PLACED = {
+    "tp": {("attn", "query", "lora_a"): (None, None),
+           ("attn", "query", "lora_b"): (None, "model", None),
+           ("attn", "out", "lora_a"): ("model", None, None),
+           ("attn", "out", "lora_b"): (None, None),
+           ("fc1", "lora_a"): (None, None), ("fc1", "lora_b"): (None, "model"),
+           ("fc2", "lora_a"): ("model", None), ("fc2", "lora_b"): (None, None),
+           ("fc2", "lora_scale"): ()},
+    "fsdp": {("params", "attn", "value", "lora_a"): ("data", None),
+             ("params", "attn", "value", "lora_b"): (None, None, None),
+             ("params", "attn", "out", "lora_a"): ("data", None, None),
+             ("params", "fc2", "lora_a"): ("data", None)},
+    "scan_tp": {("params", "layers", "attn", "key", "lora_a"): (None, None, None),
+                ("params", "layers", "attn", "key", "lora_b"): (None, None, "model", None),
+                ("params", "layers", "fc2", "lora_a"): (None, "model", None),
+                ("params", "layers", "fc2", "lora_scale"): (None,)},
+}
+
+
+@devices.mesh_only
+@pytest.mark.parametrize("name,explicit", [("tp", True), ("fsdp", False), ("scan_tp", False)])
+def test_init_places_adapters_like_their_kernels(name, explicit):
+  r = _run(name, explicit)
+  placed = {p[1:]: s for p, s in r.expected.items() if p[0] == 0}   # (params, opt)[0]
+  for path, spec in PLACED[name].items():
+    assert placed[path] == spec, path
+  # Adam's moments follow their params.
+  moments = {p: s for p, s in r.expected.items() if p[0] == 1 and p[-1] in ("lora_a", "lora_b")}
+  assert moments
+  for p, s in moments.items():
+    assert s == placed[next(q for q in placed if p[-len(q):] == q)], p
+  # jlora.shardings says the same, for the params and for the optimizer state.
+  with jax.set_mesh(r.mesh):
+    tx = jlora.optimizer(optax.adam(1e-2), r.params)
+    want = jlora.shardings(r.params)
+    opt_want = jlora.shardings(jax.eval_shape(tx.init, r.params), params=r.params)
+  for p, s in tree_lib.flatten(want).items():
+    assert s.is_equivalent_to(tree_lib.value(tree_lib.flatten(r.params)[p]).sharding,
+                              len(placed[p])), p
+  for (p, s), (_, v) in zip(tree_lib.flatten(opt_want).items(),
+                            tree_lib.flatten(r.opt_state).items()):
+    v = tree_lib.value(v)
+    assert tree_lib.value(s).is_equivalent_to(v.sharding, v.ndim), p
+
+
+def _init_values(name):
+  x, _ = ms.data()
+  apply, base = ms.model(name)
+  return tree_lib.flatten(jlora.init(jax.random.key(2), base, jlora.LoraConfig(
+      rank=ms.RANK, targets=ms.TARGETS)))
+
+
+@devices.mesh_only
+def test_init_under_jit_follows_explicit_kernels():
+  """In jit, Explicit axes are part of the kernels' types: init places by them."""
+  name = "tp"
+  x, _ = ms.data()
+  mesh = ms.mesh(name, True)
+  apply, base = ms.model(name, True)
+  cfg = jlora.LoraConfig(rank=ms.RANK, targets=ms.TARGETS)
+  with jax.set_mesh(mesh):
+    base = ms.place_base(name, base, mesh)
+    params = jax.jit(lambda b: jlora.init(jax.random.key(2), b, cfg))(base)
+    eager = jlora.init(jax.random.key(2), base, cfg)
+  ref = _init_values(name)
+  for p, leaf in tree_lib.flatten(params).items():
+    v, e = tree_lib.value(leaf), tree_lib.value(tree_lib.flatten(eager)[p])
+    assert v.sharding.is_equivalent_to(e.sharding, v.ndim), p
+    np.testing.assert_array_equal(np.asarray(v), np.asarray(tree_lib.value(ref[p])))
+
+
+@devices.mesh_only
+def test_abstract_init_on_auto_axes():
+  """The never-materialised recipe: shapes from eval_shape, shardings from the base's
+  placement (eval_shape drops Auto shardings), one jit with out_shardings."""
+  name = "tp_linen"
+  x, _ = ms.data()
+  mesh = ms.mesh(name, False)
+  apply, base = ms.model(name)
+  cfg = jlora.LoraConfig(rank=ms.RANK, targets=ms.TARGETS)
+  make = lambda: jlora.init(jax.random.key(2), ms.LinenBlock().init(jax.random.key(1), x), cfg)
+  base_shardings = jax.tree_util.tree_map_with_path(
+      lambda p, v: NamedSharding(mesh, ms.base_spec(name, tree_lib.keypath(p), v.ndim)), base)
+  abstract = jax.eval_shape(make)
+  assert all(getattr(v, "sharding", None) is None for v in jax.tree.leaves(abstract))
+  with pytest.raises(ValueError, match="carries no sharding.*base="):
+    jlora.shardings(abstract)
+  s = jlora.shardings(abstract, base=base_shardings)
+  params = jax.jit(make, out_shardings=s)()
+  ref = _init_values(name)
+  flat_s = tree_lib.flatten(s)
+  for p, v in tree_lib.flatten(params).items():
+    assert v.sharding == flat_s[p], p
+    np.testing.assert_allclose(np.asarray(v), np.asarray(ref[p]), rtol=1e-6, err_msg=str(p))
+  assert flat_s[("params", "fc1", "lora_b")].spec == P(None, "model")
+  assert flat_s[("params", "attn", "out", "lora_a")].spec == P("model", None, None)
+
+
+@devices.mesh_only
+@pytest.mark.parametrize("replicate,a_spec", [(True, (None, None)), (("data",), (None, None)),
+                                              (False, ("data", None))])
+def test_replicate_override(replicate, a_spec):
+  name = "fsdp"
+  x, _ = ms.data()
+  mesh = ms.mesh(name, True)
+  apply, base = ms.model(name)
+  with jax.set_mesh(mesh):
+    base = ms.place_base(name, base, mesh)
+    params = jlora.init(jax.random.key(2), base, jlora.LoraConfig(rank=ms.RANK, targets="fc1"),
+                        fn=apply, args=(x,), replicate=replicate)
+    s = tree_lib.flatten(jlora.shardings(params, replicate=replicate))
+  for p, v in tree_lib.flatten(params).items():
+    assert v.sharding.is_equivalent_to(s[p], v.ndim), p
+  a = tree_lib.flatten(params)[("params", "fc1", "lora_a")]
+  assert tuple(a.sharding.spec) + (None,) * (2 - len(a.sharding.spec)) == a_spec
+  assert tree_lib.flatten(params)[("params", "fc1", "kernel")].sharding.spec == P("data")
+
+
+@devices.mesh_only
+def test_linen_row_parallel_fails_explicit_without_lora_too():
+  """jlora is never the reason a layout fails: this one fails in linen itself."""
+  name = "tp_linen"
+  x, _ = ms.data()
+  mesh = ms.mesh(name, True)
+  apply, base = ms.model(name)
+  with jax.set_mesh(mesh):
+    base = ms.place_base(name, base, mesh)
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    with pytest.raises(Exception, match="out_sharding"):
+      jax.jit(apply)(base, xs)
+    params = ms.lora_params(name, apply, base, xs)
+    with pytest.raises(Exception, match="out_sharding"):
+      jax.jit(jlora.lora(apply))(params, xs)
+
+
+@devices.mesh_only
+@pytest.mark.slow
+def test_two_processes_match_one():
+  """(2, 4) Explicit Megatron from 2 processes x 4 devices == 1 process x 8 devices."""
+  one = _run("tp", True)
+  worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
+  w0, w1 = devices.run_processes(worker, 2, 4, timeout=300)
+  assert (w0["process_count"], w0["local_devices"], w0["devices"]) == (2, 4, 8)
+  assert w0["losses"] == w1["losses"]              # one replicated value, read twice
+  np.testing.assert_allclose(w0["losses"], one.losses, rtol=1e-5)  # gloo may sum in another order
+  for w in (w0, w1):
+    assert w["cache_size"] == 1 and not w["moved"], w
+    assert not [m for m in w["warnings"] if "donated" in m], w["warnings"]
