@@ -477,11 +477,13 @@ def _dot_general(eqn, ins, walker: _Factored):
   y_at = {} if y is None else dict(zip(target, explicit.entries(y)))
   if y is not None:
     p2, q2 = _branch_layout(x2, p2, q2, y_at, q_free, sizes, bool(b_labels))
-  elif (not unroll and not b_labels and xl is x and not kernel_left
+  elif (not unroll and not b_labels and xl is x and not kernel_left and jax.device_count() == 1
         and x_labels == x_free + c_labels and list(k.axes) == c_labels + k_free == c_labels + q_free
         and x.dtype == k.dtype and kw.get("preferred_element_type") in (None, x.dtype)):
     # x·W + s·(x·A)·B as one product of plain matrices (see branch.lora_matmul); every
     # reshape here is a bitcast, since x and W are already laid out (T, C) and (C, N).
+    # One device only: its concatenations are laid out for one, and a partitioner
+    # reshards them (measured with FSDP on Auto mesh axes: all-to-alls and permutes).
     y = lora_matmul(x2, jnp.reshape(k.base(), (prod(c_labels), prod(k_free))), p2, q2, scale,
                     kw.get("precision"))
     y = jnp.reshape(y, [sizes[lab] for lab in x_free + k_free])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -43,6 +44,8 @@ def launcher(module_file: str, timeout: float = 900):
   def test_on_8_devices():
     if jax.device_count() == N_DEVICES:
       pytest.skip("this is the 8-device run")
+    if not hasattr(jax, "set_mesh"):
+      pytest.skip(f"the mesh tests use jax.set_mesh, which jax {jax.__version__} does not have")
     proc = subprocess.Popen(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", module_file],
         cwd=ROOT, env=env(N_DEVICES), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -65,38 +68,49 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def run_processes(script: str, n_processes: int, n_devices: int, timeout: float) -> list[dict]:
-  """``script --process-id i --processes n --port P --out FILE`` in ``n_processes``
-  processes of ``n_devices`` devices each; returns the JSON each wrote to its FILE.
+class Processes:
+  """``script --process-id i --processes n --port P --out FILE`` started in ``n``
+  processes of ``n_devices`` devices each; ``results()`` waits for the JSON each
+  writes to its FILE.
 
   Each process runs in its own process group, so a failed or hung one takes only
   its own group down: all are killed when one fails or the deadline passes, and
   the error carries the tail of every process's output.
   """
-  port, procs = free_port(), []
-  with tempfile.TemporaryDirectory() as tmp:
-    tmp = pathlib.Path(tmp)
+
+  def __init__(self, script: str, n: int, n_devices: int):
+    self.dir = pathlib.Path(tempfile.mkdtemp())
+    port, self.procs = free_port(), []
+    for i in range(n):
+      with open(self.dir / f"log{i}", "w") as log:
+        self.procs.append(subprocess.Popen(
+            [sys.executable, script, "--process-id", str(i), "--processes", str(n),
+             "--port", str(port), "--out", str(self.dir / f"out{i}.json")],
+            cwd=ROOT, env=env(n_devices), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True))
+
+  def results(self, timeout: float) -> list[dict]:
     try:
-      for i in range(n_processes):
-        with open(tmp / f"log{i}", "w") as log:
-          procs.append(subprocess.Popen(
-              [sys.executable, script, "--process-id", str(i), "--processes", str(n_processes),
-               "--port", str(port), "--out", str(tmp / f"out{i}.json")],
-              cwd=ROOT, env=env(n_devices), stdout=log, stderr=subprocess.STDOUT,
-              start_new_session=True))
       deadline = time.monotonic() + timeout
-      while (any(p.poll() is None for p in procs) and time.monotonic() < deadline
-             and not any(p.poll() not in (None, 0) for p in procs)):
+      while (any(p.poll() is None for p in self.procs) and time.monotonic() < deadline
+             and not any(p.poll() not in (None, 0) for p in self.procs)):
         time.sleep(0.2)
-      if any(p.poll() != 0 for p in procs):
-        raise RuntimeError(f"exit codes {[p.poll() for p in procs]} (None: still running"
+      if any(p.poll() != 0 for p in self.procs):
+        raise RuntimeError(f"exit codes {[p.poll() for p in self.procs]} (None: still running"
                            f" after {timeout:.0f}s, or killed when another failed)")
-      return [json.loads((tmp / f"out{i}.json").read_text()) for i in range(n_processes)]
+      return [json.loads((self.dir / f"out{i}.json").read_text()) for i in range(len(self.procs))]
     except BaseException as e:
-      for p in procs:
-        if p.poll() is None:
-          os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
-      logs = [f"--- process {i}:\n{(tmp / f'log{i}').read_text()[-3000:]}"
-              for i in range(len(procs))]
+      self.kill()
+      logs = [f"--- process {i}:\n{(self.dir / f'log{i}').read_text()[-3000:]}"
+              for i in range(len(self.procs))]
       raise RuntimeError(f"{e}\n" + "\n".join(logs)) from e
+
+  def kill(self):
+    for p in self.procs:
+      if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+      p.wait()
+
+  def close(self):
+    self.kill()
+    shutil.rmtree(self.dir, ignore_errors=True)

@@ -93,6 +93,8 @@ SETUPS = {
     "scan_tp": Setup((2, 4), ("data", "model"), "linen_scan", MEGATRON),
     "scan_fsdp": Setup((8,), ("data",), "linen_scan", FSDP),
 }
+# What the two-process test runs: (setup, Explicit axes, unroll_max_rank).
+TWO_PROCESS_CASE = ("tp", True, 0)
 
 
 def data():
@@ -105,11 +107,11 @@ def model(name: str, explicit: bool = False):
   """``(apply, base params)``; ``apply(params, x)`` is the plain model, for one device
   and for the mesh alike (NNX passes its row-parallel ``out_sharding`` on Explicit axes)."""
   s = SETUPS[name]
-  x, _ = data()
   if s.model == "nnx":
     graphdef, state = nnx.split(NNXBlock(nnx.Rngs(1)))
     row = P("data") if explicit else None
     return (lambda p, x: nnx.merge(graphdef, p)(x, row)), state
+  x, _ = data()
   m = LinenStack() if s.model == "linen_scan" else LinenBlock()
   apply = (lambda p, x: m.apply(p, x)) if s.model == "linen_scan" else (
       lambda p, x: m.apply(p, x)[0])
@@ -161,9 +163,11 @@ def lora_params(name: str, apply, base, x):
   return random_b(jlora.init(jax.random.key(2), base, cfg, fn=apply, args=(x,)))
 
 
-def make_step(apply):
+def make_loss(apply, unroll_max_rank=None):
+  lora_apply = jlora.lora(apply, unroll_max_rank=unroll_max_rank)
+
   def loss(p, x, y):
-    return jnp.mean((jlora.lora(apply)(p, x) - y) ** 2)
+    return jnp.mean((lora_apply(p, x) - y) ** 2)
   return loss
 
 
@@ -173,7 +177,7 @@ def reference(name: str) -> list[float]:
   apply, base = model(name)
   params = lora_params(name, apply, base, jnp.asarray(x))
   tx = jlora.optimizer(optax.adam(1e-2), params)
-  step, opt = jlora.train_step(make_step(apply), tx), tx.init(params)
+  step, opt = jlora.train_step(make_loss(apply), tx), tx.init(params)
   losses = []
   for _ in range(STEPS):
     params, opt, loss = step(params, opt, x, y)
@@ -200,8 +204,9 @@ def _specs(tree) -> dict:
   return {p: entries(tree_lib.value(v)) for p, v in tree_lib.flatten(tree).items()}
 
 
-def run(name: str, explicit: bool, *, steps: int = STEPS) -> Run:
-  """The LoRA step on the setup's mesh: adapters placed by ``jlora.init``, 5 steps."""
+def run(name: str, explicit: bool, *, steps: int = STEPS, unroll_max_rank=None) -> Run:
+  """The LoRA step on the setup's mesh: adapters placed by ``jlora.init``, 5 steps.
+  ``unroll_max_rank=0`` runs the branch as GPUs and TPUs do (``jlora.branch``)."""
   x_h, y_h = data()
   mesh_ = mesh(name, explicit)
   apply, base = model(name, explicit)
@@ -213,7 +218,7 @@ def run(name: str, explicit: bool, *, steps: int = STEPS) -> Run:
     tx = jlora.optimizer(optax.adam(1e-2), params)
     opt = tx.init(params)
     expected = _specs((params, opt))
-    step = jlora.train_step(make_step(apply), tx)
+    step = jlora.train_step(make_loss(apply, unroll_max_rank), tx)
     hlo = step.lower(params, opt, x, y).compile().as_text()
     losses, specs = [], []
     with warnings.catch_warnings(record=True) as caught:

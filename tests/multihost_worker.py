@@ -30,7 +30,8 @@ def main():
                              num_processes=a.processes, process_id=a.process_id,
                              initialization_timeout=120)
   import mesh_setups
-  r = mesh_setups.run("tp", explicit=True)
+  name, explicit, unroll = mesh_setups.TWO_PROCESS_CASE
+  r = mesh_setups.run(name, explicit, unroll_max_rank=unroll)
   result = dict(process_count=jax.process_count(), local_devices=jax.local_device_count(),
                 devices=jax.device_count(), losses=r.losses, cache_size=r.cache_size,
                 moved=sorted({str(p) for s in r.specs for p in s if s[p] != r.expected[p]}),
