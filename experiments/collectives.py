@@ -48,6 +48,11 @@ def computations(hlo: str) -> tuple[dict[str, list[str]], str | None]:
   return bodies, entry
 
 
+def nbytes(dtype: str, dims) -> int:
+  """Bytes of one HLO array, ``f32[8,4]`` being ``("f32", (8, 4))``."""
+  return _BYTES[dtype] * int(np.prod(dims, dtype=np.int64))
+
+
 def _arrays(text: str) -> list[tuple[str, tuple[int, ...]]]:
   return [(dt, tuple(int(d) for d in dims.split(",") if d))
           for dt, dims in _ARRAY.findall(text) if dt in _BYTES]
@@ -146,7 +151,7 @@ def collectives(hlo: str, mesh=None) -> list[dict]:
       operands = _arrays(args) or [a for n in re.findall(r"%([\w.\-]+)", args)
                                    for a in result_of.get(n, [])]
       out.append(dict(kind=kind, operands=operands,
-                      bytes=sum(_BYTES[dt] * int(np.prod(d, dtype=np.int64)) for dt, d in operands),
+                      bytes=sum(nbytes(dt, d) for dt, d in operands),
                       axes=mesh_axes(_groups(line), mesh), runs=runs.get(comp, 1) or 1))
   return out
 

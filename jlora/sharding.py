@@ -161,9 +161,19 @@ def _concrete(s: Sharding, mesh) -> Sharding:
   return s
 
 
+def _concrete_mesh(mesh, shardings):
+  """``mesh``, or the concrete mesh it abstracts when one is known (leaves or context)."""
+  if mesh is None or isinstance(mesh, jax.sharding.Mesh):
+    return mesh
+  for m in [s.mesh for s in shardings if isinstance(s, NamedSharding)] + [_context_mesh()]:
+    if isinstance(m, jax.sharding.Mesh) and m.abstract_mesh == mesh:
+      return m
+  return mesh
+
+
 def _context_mesh():
   """The concrete mesh of an enclosing ``jax.set_mesh``, or None (also inside ``jit``)."""
-  get = getattr(jax.sharding, "get_mesh", None)  # jax >= 0.7
+  get = getattr(jax.sharding, "get_mesh", None)  # not in jax 0.6
   try:
     mesh = get() if get is not None else None
   except ValueError:  # asked under a trace, where only the abstract mesh is known
@@ -200,8 +210,8 @@ def placement(params, *, base=None, replicate: Replicate = False) -> dict[Path, 
   found = adapter_lib.find(flat)
   owned = {p for roles in found.values() for p in roles.values()}
   have = {p: given.get(p) or carried(v) for p, v in flat.items() if p not in owned}
-  mesh = _mesh([s for s in have.values() if s is not None]) or _context_mesh()
-  mesh = _concrete_mesh(mesh, have.values())
+  known = [s for s in have.values() if s is not None]
+  mesh = _concrete_mesh(_mesh(known) or _context_mesh(), known)
   out = {p: _concrete(s, mesh) if s is not None else _unplaced(p, flat[p], mesh)
          for p, s in have.items()}
   for kp, roles in found.items():
@@ -210,16 +220,6 @@ def placement(params, *, base=None, replicate: Replicate = False) -> dict[Path, 
                              where=path_str(kp))
     out.update({p: rule[role] for role, p in roles.items()})
   return out
-
-
-def _concrete_mesh(mesh, shardings):
-  """``mesh``, or the concrete mesh it abstracts when one is known (leaves or context)."""
-  if mesh is None or isinstance(mesh, jax.sharding.Mesh):
-    return mesh
-  for m in [s.mesh for s in shardings if isinstance(s, NamedSharding)] + [_context_mesh()]:
-    if isinstance(m, jax.sharding.Mesh) and m.abstract_mesh == mesh:
-      return m
-  return mesh
 
 
 def shardings(tree, *, params=None, base=None, replicate: Replicate = False):
@@ -309,10 +309,10 @@ def build(make: Callable, args: tuple, out_shardings):
 # A jitted step whose state keeps its placement.
 
 
-class keep_placement:  # noqa: N801 - used like the function it wraps, as jax.jit is
+def keep_placement(fn: Callable, n: int, donate_argnums: tuple = ()) -> "_KeptJit":
   """``jax.jit(fn)`` whose first ``n`` arguments come back placed as they went in.
 
-  ``fn(*state, *rest) -> (*state, *other)`` (a train step: ``state`` is params and
+  ``fn(*state, *rest) -> (*state, out)`` (a train step: ``state`` is params and
   optimizer state). On one device this is ``jax.jit(fn)``. On a mesh, the jit gets
   ``out_shardings`` equal to the input shardings, the very objects the inputs
   carry: left to itself the partitioner may return a state leaf sharded otherwise,
@@ -320,9 +320,17 @@ class keep_placement:  # noqa: N801 - used like the function it wraps, as jax.ji
   cache), and the next call would compile again; and a donated buffer is used
   only when its output is placed like it. Leaves given no placement (uncommitted
   arrays) are replicated on the mesh before the first call.
-  """
 
-  def __init__(self, fn: Callable, n: int, donate_argnums: tuple = ()):
+  Returns:
+    A callable with ``lower`` and ``_cache_size`` as a ``jax.jit`` has.
+  """
+  return _KeptJit(fn, n, donate_argnums)
+
+
+class _KeptJit:
+  """See ``keep_placement``: one ``jax.jit`` per placement of the state."""
+
+  def __init__(self, fn: Callable, n: int, donate_argnums: tuple):
     self.fn, self.n, self.donate_argnums = fn, n, donate_argnums
     self.plain = jax.jit(fn, donate_argnums=donate_argnums)
     self.pinned: dict = {}

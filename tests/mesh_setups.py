@@ -144,6 +144,15 @@ def place_base(name: str, base, mesh_):
   return tree_lib.unflatten({p: put(p, v) for p, v in flat.items()}, base)
 
 
+def placed(name: str, explicit: bool):
+  """``(mesh, apply, base placed on it, x and y sharded over 'data')`` of a setup."""
+  mesh_ = mesh(name, explicit)
+  apply, base = model(name, explicit)
+  batch = NamedSharding(mesh_, P("data"))
+  x, y = (jax.make_array_from_callback(v.shape, batch, lambda i, v=v: v[i]) for v in data())
+  return mesh_, apply, place_base(name, base, mesh_), x, y
+
+
 def random_b(params):
   """B random (a fixed draw per path), each leaf left where it was."""
   flat = tree_lib.flatten(params)
@@ -207,13 +216,8 @@ def _specs(tree) -> dict:
 def run(name: str, explicit: bool, *, steps: int = STEPS, unroll_max_rank=None) -> Run:
   """The LoRA step on the setup's mesh: adapters placed by ``jlora.init``, 5 steps.
   ``unroll_max_rank=0`` runs the branch as GPUs and TPUs do (``jlora.branch``)."""
-  x_h, y_h = data()
-  mesh_ = mesh(name, explicit)
-  apply, base = model(name, explicit)
-  batch = NamedSharding(mesh_, P("data"))
+  mesh_, apply, base, x, y = placed(name, explicit)
   with jax.set_mesh(mesh_):
-    base = place_base(name, base, mesh_)
-    x, y = (jax.make_array_from_callback(v.shape, batch, lambda i, v=v: v[i]) for v in (x_h, y_h))
     params = lora_params(name, apply, base, x)
     tx = jlora.optimizer(optax.adam(1e-2), params)
     opt = tx.init(params)

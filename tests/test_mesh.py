@@ -17,6 +17,7 @@ one (``tp``, whose row-parallel layers pass ``out_sharding``) on both.
 import functools
 import os
 import re
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -234,12 +235,8 @@ def test_abstract_init_on_auto_axes():
 @pytest.mark.parametrize("replicate,a_spec", [(True, (None, None)), (("data",), (None, None)),
                                               (False, ("data", None))])
 def test_replicate_override(replicate, a_spec):
-  name = "fsdp"
-  x, _ = ms.data()
-  mesh = ms.mesh(name, True)
-  apply, base = ms.model(name)
+  mesh, apply, base, x, _ = ms.placed("fsdp", True)
   with jax.set_mesh(mesh):
-    base = ms.place_base(name, base, mesh)
     params = jlora.init(jax.random.key(2), base, jlora.LoraConfig(rank=ms.RANK, targets="fc1"),
                         fn=apply, args=(x,), replicate=replicate)
     s = tree_lib.flatten(jlora.shardings(params, replicate=replicate))
@@ -253,13 +250,8 @@ def test_replicate_override(replicate, a_spec):
 @devices.mesh_only
 def test_linen_row_parallel_fails_explicit_without_lora_too():
   """jlora is never the reason a layout fails: this one fails in linen itself."""
-  name = "tp_linen"
-  x, _ = ms.data()
-  mesh = ms.mesh(name, True)
-  apply, base = ms.model(name)
+  mesh, apply, base, xs, _ = ms.placed("tp_linen", True)
   with jax.set_mesh(mesh):
-    base = ms.place_base(name, base, mesh)
-    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
     with pytest.raises(Exception, match="out_sharding"):
       jax.jit(apply)(base, xs)
     with pytest.raises(Exception, match="out_sharding"):  # init reads the splits by running it
@@ -316,6 +308,21 @@ def test_uncommitted_leaves_join_the_mesh():
   assert step._cache_size() == 1
   assert params["count"].sharding == NamedSharding(mesh, P())
   assert params["w_lora_a"].sharding.spec == P("data", None)
+
+
+@devices.mesh_only
+def test_readme_scaling_recipe():
+  """README's "Scaling out" code runs as written, and places what it says."""
+  text = (devices.ROOT / "README.md").read_text()
+  blocks = re.findall(r"```python\n(.*?)```", text[text.index("## Scaling out"):], re.S)
+  scope: dict = {}
+  exec(compile(textwrap.dedent(blocks[0]), "README-scaling", "exec"), scope)
+  params = scope["params"]["params"]
+  assert params["fc1"]["lora_b"].sharding.spec == P(None, "model")
+  assert params["fc2"]["lora_a"].sharding.spec == P("model", None)
+  assert scope["step"]._cache_size() == 1
+  exec(compile(textwrap.dedent(blocks[1]), "README-abstract", "exec"), scope)
+  assert scope["params"]["params"]["fc2"]["lora_a"].sharding.spec == P("model", None)
 
 
 @pytest.fixture(scope="module", autouse=True)
