@@ -42,7 +42,7 @@ from jlora import tracing
 from jlora import tree as tree_lib
 from jlora import walk
 from jlora.adapter import Adapter, Split
-from jlora.branch import default_unroll_max_rank, lora_branch, lora_matmul
+from jlora.branch import lora_branch, lora_matmul
 
 #: How many traced signatures ``lora(fn)`` keeps per wrapped function.
 _CACHE_SIZE = 32
@@ -134,8 +134,7 @@ def _entering(ad: Adapter) -> _Kernel:
   return k._replace(axes=tuple(k.stored))
 
 
-def lora(fn, *, mode: str = "factored", on_fallback: str = "warn",
-         unroll_max_rank: int | None = None):
+def lora(fn, *, mode: str = "factored", on_fallback: str = "warn", unroll_max_rank: int = 0):
   """Wrap ``fn(params, *args, **kw)``, written for base params, to run with adapters.
 
   Args:
@@ -148,8 +147,8 @@ def lora(fn, *, mode: str = "factored", on_fallback: str = "warn",
       ``"warn"`` once per path and reason (default), ``"error"``, or ``"ignore"``.
     unroll_max_rank: the K=r products of adapters up to this rank are written
       as multiply-adds that XLA fuses into neighbouring work; above it, a
-      plain-matrix product runs as one ``branch.lora_matmul``. ``None`` means
-      ``branch.default_unroll_max_rank`` of the default backend.
+      plain-matrix product runs as one ``branch.lora_matmul``. 0 (the default)
+      never unrolls: see ``jlora.branch`` for what was measured.
 
   Returns:
     ``wrapped(params, *args, lora_rng=None, **kw)``. ``params`` may hold adapter
@@ -167,9 +166,8 @@ def lora(fn, *, mode: str = "factored", on_fallback: str = "warn",
     raise ValueError(f"mode must be 'factored' or 'merged'; got {mode!r}.")
   if on_fallback not in ("warn", "error", "ignore"):
     raise ValueError(f"on_fallback must be 'warn', 'error' or 'ignore'; got {on_fallback!r}.")
-  if unroll_max_rank is not None and (isinstance(unroll_max_rank, bool)
-                                      or not isinstance(unroll_max_rank, int)):
-    raise ValueError(f"unroll_max_rank must be an int or None; got {unroll_max_rank!r}.")
+  if isinstance(unroll_max_rank, bool) or not isinstance(unroll_max_rank, int):
+    raise ValueError(f"unroll_max_rank must be an int; got {unroll_max_rank!r}.")
   reported: set = set()
   cache: dict = {}
 
@@ -197,9 +195,7 @@ def lora(fn, *, mode: str = "factored", on_fallback: str = "warn",
     jaxpr = traced.closed.jaxpr
     for kp, roles in found.items():
       inputs[traced.param_index[kp]] = _entering(adapter_lib.read(flat, kp, roles))
-    rank_limit = (default_unroll_max_rank(jax.default_backend()) if unroll_max_rank is None
-                  else unroll_max_rank)
-    walker = _Factored(lora_rng, reported, on_fallback, rank_limit)
+    walker = _Factored(lora_rng, reported, on_fallback, unroll_max_rank)
     outs = walker.run(jaxpr, traced.closed.consts, inputs)
     return jax.tree_util.tree_unflatten(traced.out_tree,
                                         [walker.plain(o, "the output") for o in outs])
@@ -309,11 +305,11 @@ class _Factored(walk.Walker):
     return _or_fallback(self, eqn, ins, _dot_general(eqn, ins, self))
 
   def conv(self, eqn, ins):
-    out = None if isinstance(ins[0], _Kernel) else _conv(eqn, ins, self)
+    out = "an adapted kernel as the image" if isinstance(ins[0], _Kernel) else _conv(eqn, ins, self)
     return _or_fallback(self, eqn, ins, out)
 
   def gather(self, eqn, ins):
-    out = _gather(eqn, ins, self) if isinstance(ins[0], _Kernel) else None
+    out = _gather(eqn, ins, self) if isinstance(ins[0], _Kernel) else "an adapted kernel as indices"
     return _or_fallback(self, eqn, ins, out)
 
   def custom(self, eqn, ins):
@@ -399,12 +395,14 @@ class _Factored(walk.Walker):
 
 
 def _or_fallback(walker: _Factored, eqn, ins, out) -> list:
-  return [out] if out is not None else walker.other(eqn, ins)
+  if isinstance(out, str):
+    return walker.other(eqn, ins, f"`{eqn.primitive.name}` ({out})")
+  return [out]
 
 
 # ---------------------------------------------------------------------------
-# Factored rules. Each returns None when its preconditions fail, which sends the
-# op to the merged fallback.
+# Factored rules. Each returns its result, or a string saying which precondition
+# failed, which sends the op to the merged fallback with that reason.
 
 
 def _lora_input(x, k: _Kernel, walker: _Factored):
@@ -413,17 +411,17 @@ def _lora_input(x, k: _Kernel, walker: _Factored):
     return x
   rate = k.ad.dropout
   if jnp.ndim(rate) != 0:
-    return None  # a per-layer rate inside a batched (vmapped) use: no rule
+    return "dropout with a per-layer rate inside a batched (vmapped) product"
   keep = jax.random.bernoulli(walker.next_key(), 1.0 - rate, jnp.shape(x))
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)
 
 
 def _dot_general(eqn, ins, walker: _Factored):
-  """``x·W`` (W on either side) contracting only W's inputs, or only its outputs."""
+  """``x·W`` (W on either side) contracting only W's inputs, or only its outputs; or why not."""
   (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
   kernel_left = isinstance(ins[0], _Kernel)
   if kernel_left == isinstance(ins[1], _Kernel):
-    return None  # two kernels multiplied together: no rule
+    return "two adapted kernels multiplied together"
   (k, kc, kb), (x, xc, xb) = ((ins[0], lc, lb), (ins[1], rc, rb)) if kernel_left else \
       ((ins[1], rc, rb), (ins[0], lc, lb))
   c_labels = [k.axes[i] for i in kc]
@@ -431,18 +429,19 @@ def _dot_general(eqn, ins, walker: _Factored):
   # Stack axes must pair with batch axes of x (as under vmap), and the contraction
   # must stay on one side of the rank-r bottleneck.
   if set(b_labels) != set(k.stack_labels):
-    return None
+    return "its batch axes are not exactly its stack axes"
   side = {lab[0] for lab in c_labels}
   if side not in ({"i"}, {"o"}):
-    return None
+    return "it contracts input and output axes together"
   contract_in = side == {"i"}
   if len(c_labels) != (k.ad.n_in if contract_in else k.ad.n_out):
-    return None  # the branch is (x·A)·B as matrices: every axis of one side contracts
+    # the branch is (x·A)·B as matrices: every axis of one side contracts
+    return f"it contracts only some of the kernel's {'input' if contract_in else 'output'} axes"
   if k.ad.m is not None and not contract_in:
-    return None  # DoRA's column norm runs over the inputs
+    return "it contracts the output axes of a DoRA kernel, whose column norm runs over the inputs"
   xl = _lora_input(x, k, walker)
-  if xl is None:
-    return None
+  if isinstance(xl, str):
+    return xl
   kw = {p: eqn.params[p] for p in ("precision", "preferred_element_type") if p in eqn.params}
   x_labels = [("x", i) for i in range(x.ndim)]
   for i, lab in zip(list(xc) + list(xb), c_labels + b_labels):
@@ -556,12 +555,13 @@ def _conv(eqn, ins, walker: _Factored):
   x, k = ins
   p = eqn.params
   dn = p["dimension_numbers"]
-  if (p["feature_group_count"] != 1 or p["batch_group_count"] != 1 or k.ad.n_stack
-      or k.ad.n_out != 1 or k.axes[dn.rhs_spec[0]] != ("o", 0)):
-    return None
+  if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+    return "a grouped convolution"
+  if k.ad.n_stack or k.ad.n_out != 1 or k.axes[dn.rhs_spec[0]] != ("o", 0):
+    return "the kernel's output axis is not the convolution's output feature axis"
   xl = _lora_input(x, k, walker)
-  if xl is None:
-    return None
+  if isinstance(xl, str):
+    return xl
   conv = functools.partial(jax.lax.conv_general_dilated_p.bind, **p)
   return _up_project(k, conv(x, k.base()), conv(xl, _a_like_kernel(k)), dn.out_spec[1])
 
@@ -570,14 +570,14 @@ def _gather(eqn, ins, walker: _Factored):
   """``W[idx] + s·A[idx]·B`` for lookups that take whole rows along the output axis."""
   k, idx = ins
   if isinstance(idx, _Kernel):
-    return None
+    return "an adapted kernel used as indices"
   p = eqn.params
   dn = p["dimension_numbers"]
   o_pos = [i for i, lab in enumerate(k.axes) if lab[0] == "o"]
   if (k.ad.n_stack or len(o_pos) != 1 or dn.operand_batching_dims
       or o_pos[0] in dn.collapsed_slice_dims or o_pos[0] in dn.start_index_map
       or p["slice_sizes"][o_pos[0]] != np.shape(k.ad.kernel)[k.stored.index(("o", 0))]):
-    return None
+    return "a lookup that does not take whole rows along the output axis"
   o = o_pos[0]
   sizes = tuple(k.rank if i == o else s for i, s in enumerate(p["slice_sizes"]))
   y = jax.lax.gather_p.bind(k.base(), idx, **p)

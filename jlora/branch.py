@@ -13,10 +13,14 @@ floor. This ``custom_vjp`` fixes the form of every backward product instead:
 With ``unroll``, the two products whose inner dimension is r (``t·sB`` forward,
 ``gb·Aᵀ`` backward) are written as r broadcast multiply-adds, which XLA fuses
 into the neighbouring elementwise work instead of running a K=r matmul that
-writes a tokens x out array. ``jlora.lora`` unrolls up to ``unroll_max_rank``
-(``default_unroll_max_rank``: 16 on XLA:CPU, where it was measured).
+writes a tokens x out array. ``jlora.lora`` unrolls only up to its
+``unroll_max_rank`` option, 0 by default: on XLA:CPU the unrolled form measured no
+faster than the one below at rank 8 (step time 0.99x on the MLP stack and 1.01x on
+the transformer of ``experiments/bench.py``, interleaved medians), and it made a
+12-layer unrolled transformer's step 1.5x slower to trace and compile
+(``experiments/compile_time.py``).
 
-Above that rank, ``lora_matmul`` computes the whole adapted product
+Otherwise ``lora_matmul`` computes the whole adapted product
 ``x·W + (x·A)·(s·B)`` instead (plain matrices only). Written as a dot plus a K=r dot,
 that sum is a tokens x out array that XLA:CPU recomputes in every consumer fusion,
 so both dot outputs stay alive until the backward pass (measured: +122 MiB of temp
@@ -49,16 +53,6 @@ import jax.numpy as jnp
 from jlora import explicit
 
 
-def default_unroll_max_rank(backend: str) -> int:
-  """The largest rank whose K=r products ``jlora.lora`` unrolls on ``backend``.
-
-  16 on CPU, measured with ``experiments/bench.py`` (rank 8: MLP step 1.18x the
-  floor unrolled against 1.26x as dots). Elsewhere unmeasured, so 0: XLA's own
-  dots, the form its GPU and TPU backends are tuned for.
-  """
-  return 16 if backend == "cpu" else 0
-
-
 def _dot(a, b, ca: int, cb: int, batched: bool, precision, out_sharding=None):
   """Contract axis ``ca`` of ``a`` with ``cb`` of ``b``; axis 0 is shared when batched.
   ``out_sharding``: the result's, on Explicit mesh axes (None elsewhere)."""
@@ -70,13 +64,17 @@ def _dot(a, b, ca: int, cb: int, batched: bool, precision, out_sharding=None):
 def _times_rank(t, m, m_rank_axis: int, batched: bool, precision, unroll: bool,
                 out_sharding=None):
   """``t (L?, T, r)`` times ``m`` with its rank on ``m_rank_axis``: ``(L?, T, N)``."""
-  r = t.shape[-1]
   if not unroll:
     return _dot(t, m, t.ndim - 1, m_rank_axis, batched, precision, out_sharding)
-  take = (lambda j: m[..., j, :]) if m_rank_axis == m.ndim - 2 else (lambda j: m[..., :, j])
-  out = t[..., 0:1] * take(0)[..., None, :]
-  for j in range(1, r):
-    out = out + t[..., j:j + 1] * take(j)[..., None, :]
+  if m_rank_axis != m.ndim - 2:
+    m = jnp.swapaxes(m, -1, -2)  # (L?, r, N): one small transpose, then row slices
+  # Four primitives per rank (two slices, a broadcasting multiply, an add): the
+  # fewest that express it, since every one costs trace and compile time.
+  out = None
+  for j in range(t.shape[-1]):
+    term = jax.lax.mul(jax.lax.slice_in_dim(t, j, j + 1, axis=t.ndim - 1),
+                       jax.lax.slice_in_dim(m, j, j + 1, axis=m.ndim - 2))
+    out = term if out is None else jax.lax.add(out, term)
   return out
 
 

@@ -1,6 +1,6 @@
 """Sharding types inside traced code: what the factored products must say on a mesh.
 
-On a mesh with **Explicit** axes (``jax.make_mesh``'s default since jax 0.7) every
+On a mesh with **Explicit** axes (what ``jax.make_mesh`` makes by default in jax 0.10) every
 array's sharding is part of its type, and JAX refuses an op whose output sharding
 it cannot infer: a contraction whose contracted axis is sharded on both operands
 (row-parallel ``x·W``, and ``x·A`` beside it), or a reshape that merges sharded
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-try:  # jax >= 0.7; 0.6 has it under jax.experimental.shard
+try:  # jax 0.6 has it under jax.experimental.shard only
   from jax.sharding import reshard as _reshard
 except ImportError:  # pragma: no cover - depends on the jax version
   from jax.experimental.shard import reshard as _reshard

@@ -31,11 +31,10 @@ def _is_dynamic(x) -> bool:
 
 
 def _split_leaves(params, args, kwargs):
-  flat, treedef = jax.tree_util.tree_flatten_with_path(
-      (params, tuple(args), dict(kwargs or {})))
-  leaves = [x for _, x in flat]
-  dynamic = [i for i, x in enumerate(leaves) if _is_dynamic(x)]
-  return flat, leaves, treedef, dynamic
+  """``(leaves, treedef, dynamic)``: the leaves of ``(params, args, kwargs)`` and the
+  positions of the arrays among them."""
+  leaves, treedef = jax.tree_util.tree_flatten((params, tuple(args), dict(kwargs or {})))
+  return leaves, treedef, [i for i, x in enumerate(leaves) if _is_dynamic(x)]
 
 
 def _aval(x) -> jax.ShapeDtypeStruct:
@@ -51,7 +50,7 @@ def signature(params, args=(), kwargs=None):
   the same shape, dtype and (Explicit) sharding of every array leaf, and equal
   static leaves.
   """
-  _, leaves, treedef, dynamic = _split_leaves(params, args, kwargs)
+  leaves, treedef, dynamic = _split_leaves(params, args, kwargs)
   dyn = set(dynamic)
   key = (treedef, tuple((np.shape(leaves[i]), str(leaves[i].dtype), explicit.typed(leaves[i]))
                         if i in dyn else ("static", leaves[i]) for i in range(len(leaves))))
@@ -64,15 +63,15 @@ def signature(params, args=(), kwargs=None):
 
 def trace_inputs(params, args=(), kwargs=None) -> list:
   """The dynamic leaves of a call, in the order of ``trace``'s jaxpr inputs."""
-  _, leaves, _, dynamic = _split_leaves(params, args, kwargs)
+  leaves, _, dynamic = _split_leaves(params, args, kwargs)
   return [leaves[i] for i in dynamic]
 
 
 def trace(fn, params, args=(), kwargs=None) -> Traced:
   """``fn(params, *args, **kwargs)`` as a jaxpr over its array leaves."""
   kwargs = kwargs or {}
-  flat, leaves, treedef, dynamic = _split_leaves(params, args, kwargs)
-  n_param_leaves = len(jax.tree_util.tree_leaves(params))
+  leaves, treedef, dynamic = _split_leaves(params, args, kwargs)
+  param_paths = [tree_lib.keypath(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
   def flat_fn(*dyn):
     full = list(leaves)
@@ -83,8 +82,7 @@ def trace(fn, params, args=(), kwargs=None) -> Traced:
 
   avals = [_aval(leaves[i]) for i in dynamic]
   closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*avals)
-  # A params leaf's path drops the leading SequenceKey(0) of the (params, args, kw) tuple.
-  param_index = {tree_lib.keypath(flat[i][0][1:]): k
-                 for k, i in enumerate(dynamic) if i < n_param_leaves}
+  # params' leaves come first among the leaves of (params, args, kw)
+  param_index = {param_paths[i]: k for k, i in enumerate(dynamic) if i < len(param_paths)}
   return Traced(closed, [leaves[i] for i in dynamic], param_index,
                 jax.tree_util.tree_structure(out_shape))

@@ -47,6 +47,26 @@ def adapter_grads(g):
   return {p: tree_lib.value(v) for p, v in flat.items() if p in roles}
 
 
+def kernel_shaped_products(jaxpr, shapes) -> list[str]:
+  """The dot_general/conv equations anywhere in ``jaxpr`` (sub-jaxprs included) whose output
+  has one of ``shapes`` (given as sorted dims, so any axis order matches): weight gradients,
+  seen before XLA can remove anything."""
+  found = []
+
+  def walk(jx):
+    for eqn in jx.eqns:
+      if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+        if tuple(sorted(eqn.outvars[0].aval.shape)) in shapes:
+          found.append(str(eqn))
+      for v in eqn.params.values():
+        for sub in (v if isinstance(v, (tuple, list)) else [v]):
+          inner = getattr(sub, "jaxpr", sub)
+          if hasattr(inner, "eqns"):
+            walk(inner)
+  walk(jaxpr.jaxpr)
+  return found
+
+
 class LinenNet(nn.Module):
   """Embed -> attention -> conv -> MLP: every kernel kind jlora covers."""
   vocab: int = 11

@@ -172,7 +172,7 @@ def lora_params(name: str, apply, base, x):
   return random_b(jlora.init(jax.random.key(2), base, cfg, fn=apply, args=(x,)))
 
 
-def make_loss(apply, unroll_max_rank=None):
+def make_loss(apply, unroll_max_rank=0):
   lora_apply = jlora.lora(apply, unroll_max_rank=unroll_max_rank)
 
   def loss(p, x, y):
@@ -213,9 +213,10 @@ def _specs(tree) -> dict:
   return {p: entries(tree_lib.value(v)) for p, v in tree_lib.flatten(tree).items()}
 
 
-def run(name: str, explicit: bool, *, steps: int = STEPS, unroll_max_rank=None) -> Run:
+def run(name: str, explicit: bool, *, steps: int = STEPS, unroll_max_rank: int = 0) -> Run:
   """The LoRA step on the setup's mesh: adapters placed by ``jlora.init``, 5 steps.
-  ``unroll_max_rank=0`` runs the branch as GPUs and TPUs do (``jlora.branch``)."""
+  ``unroll_max_rank`` is ``jlora.lora``'s: 0 (its default) runs the branch's rank-r
+  products as dots, 16 unrolls them into elementwise work (``jlora.branch``)."""
   mesh_, apply, base, x, y = placed(name, explicit)
   with jax.set_mesh(mesh_):
     params = lora_params(name, apply, base, x)

@@ -55,7 +55,3 @@ def test_lora_branch_matches_autodiff(r, batched, unroll):
   f = lambda x, a, b: branch.lora_branch(x, a, b, s, batched, None, unroll)
   _check_vjp(f, ref, (x, a, b), argnums=(0, 1, 2))
 
-
-def test_default_unroll_rank_per_backend():
-  assert branch.default_unroll_max_rank("cpu") == 16
-  assert branch.default_unroll_max_rank("gpu") == branch.default_unroll_max_rank("tpu") == 0

@@ -125,3 +125,12 @@ def test_diffusion_smoke(tmp_path):
   for png in ("samples_base.png", "samples_full_ft.png", "samples_overview_89.png",
               "samples_strength.png", "summary.png"):
     assert_png(tmp_path / png)
+
+
+def test_compile_time_smoke(tmp_path):
+  run_smoke("compile_time", tmp_path)
+  payload = json.loads((tmp_path / "results.json").read_text())
+  variants = {r["variant"] for r in payload["rows"]}
+  assert variants == {"full", "jlora", "jlora_unrolled", "jlora_merged"}
+  for r in payload["rows"]:
+    assert r["trace_s"] > 0 and r["compile_s"] > 0 and r["total/full"] > 0

@@ -34,14 +34,15 @@ from jlora import tree as tree_lib
 
 test_on_8_devices = devices.launcher(__file__)
 
-# (setup, Explicit axes?, unroll_max_rank): None is the CPU default (the branch's
-# rank-r products unrolled into elementwise work), 0 what GPUs and TPUs run (dots).
-CASES = [("dp", False, 0), ("dp", True, None), ("tp", False, None), ("tp", True, 0),
-         ("fsdp", False, 0), ("fsdp", True, None), ("scan_tp", False, 0), ("scan_fsdp", True, None)]
+# (setup, Explicit axes?, unroll_max_rank): 0 (jlora.lora's default) runs the
+# branch's rank-r products as dots, 16 unrolls them into elementwise work; each mesh
+# runs both, one per axis type.
+CASES = [("dp", False, 0), ("dp", True, 16), ("tp", False, 16), ("tp", True, 0),
+         ("fsdp", False, 0), ("fsdp", True, 16), ("scan_tp", False, 0), ("scan_fsdp", True, 16)]
 
 
 @functools.cache
-def _run(name, explicit, unroll_max_rank=None):
+def _run(name, explicit, unroll_max_rank=0):
   return ms.run(name, explicit, unroll_max_rank=unroll_max_rank)
 
 

@@ -13,7 +13,7 @@ from hypothesis import given, strategies as st
 
 import jlora
 from jlora import tree as tree_lib
-from helpers import kernels, randomize
+from helpers import kernel_shaped_products, kernels, randomize
 
 
 def _adapted_case(case, key):
@@ -92,18 +92,21 @@ class _Net(nn.Module):
     return x
 
 
-@pytest.fixture(scope="module", params=[4, 24], ids=["r4", "r24"])
+@pytest.fixture(scope="module", params=[(4, 16), (4, 0), (24, 0)],
+                ids=["r4-unrolled", "r4", "r24"])
 def setup(request):
-  # r4 runs branch.lora_branch; r24 (above UNROLL_MAX_RANK) runs branch.lora_matmul, with
-  # fc1's forward and fc2's backward as concatenated products.
+  # r4-unrolled runs branch.lora_branch with unrolled K=r products; r4 and r24 (jlora's
+  # default, unroll_max_rank=0) run branch.lora_matmul, fc1's forward and fc2's backward
+  # as concatenated products at r24.
+  rank, unroll = request.param
   model = _Net()
   x = jax.random.normal(jax.random.key(0), (4, 24, D))
   y = jax.random.normal(jax.random.key(1), (4, 24, D))
   base = model.init(jax.random.key(2), x)
   params = jlora.init(jax.random.key(3), base,
-                      jlora.LoraConfig(rank=request.param, targets=TARGETS),
+                      jlora.LoraConfig(rank=rank, targets=TARGETS),
                       fn=model.apply, args=(x,))
-  return model, x, y, base, params
+  return model, x, y, base, params, unroll
 
 
 def _compiled(step, *args):
@@ -115,9 +118,10 @@ def _flops(compiled):
   return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
 
-def _lora_step(model, y, params, mode="factored"):
+def _lora_step(model, y, params, mode="factored", unroll=0):
   tx = jlora.optimizer(optax.adam(1e-2), params)
-  loss = lambda p, x: jnp.mean((jlora.lora(model.apply, mode=mode)(p, x) - y) ** 2)
+  apply = jlora.lora(model.apply, mode=mode, unroll_max_rank=unroll)
+  loss = lambda p, x: jnp.mean((apply(p, x) - y) ** 2)
   return jlora.train_step(loss, tx, jit=False), tx
 
 
@@ -134,8 +138,8 @@ def _kernel_shaped_dots(hlo: str, shapes) -> list[str]:
 
 
 def test_train_step_trains_adapters_and_keeps_base_bitwise(setup):
-  model, x, y, base, params = setup
-  step, tx = _lora_step(model, y, params)
+  model, x, y, base, params, unroll = setup
+  step, tx = _lora_step(model, y, params, unroll=unroll)
   step = jax.jit(step, donate_argnums=(0, 1))
   state = tx.init(params)
   kept = {p: np.asarray(tree_lib.value(v)) for p, v in tree_lib.flatten(params).items()}
@@ -154,8 +158,8 @@ def test_train_step_trains_adapters_and_keeps_base_bitwise(setup):
 
 
 def test_no_frozen_weight_gradients_in_compiled_step(setup):
-  model, x, y, base, params = setup
-  step, tx = _lora_step(model, y, params)
+  model, x, y, base, params, unroll = setup
+  step, tx = _lora_step(model, y, params, unroll=unroll)
   hlo = _compiled(step, params, tx.init(params), x).as_text()
   shapes = {tuple(a.kernel.shape) for a in jlora.adapters(params)}
   # collapse multi-axis kernels too: XLA may reshape (d, heads, hd) to (d, heads*hd)
@@ -169,7 +173,7 @@ def test_no_frozen_weight_gradients_in_compiled_step(setup):
 
 def test_flops_at_the_floor(setup):
   """XLA's count: floor <= factored step <= floor + the adapters' rank-r matmuls."""
-  model, x, y, base, params = setup
+  model, x, y, base, params, unroll = setup
   adam = optax.adam(1e-2)
 
   def full(p, s, x):
@@ -179,7 +183,7 @@ def test_flops_at_the_floor(setup):
   f_full = _flops(_compiled(full, base, adam.init(base), x))
   f_floor = _flops(_compiled(
       lambda p, x: jax.grad(lambda x: jnp.mean((model.apply(p, x) - y) ** 2))(x), base, x))
-  step, tx = _lora_step(model, y, params)
+  step, tx = _lora_step(model, y, params, unroll=unroll)
   f_lora = _flops(_compiled(step, params, tx.init(params), x))
   merged, _ = _lora_step(model, y, params, mode="merged")
   f_merged = _flops(_compiled(merged, params, tx.init(params), x))
@@ -231,3 +235,58 @@ def test_step_compiles_once_with_a_committed_base():
   for _ in range(3):
     params, state, _ = step(params, state, jnp.ones((4, 16)))
   assert step._cache_size() == 1
+
+
+def test_train_step_traces_no_frozen_gradient(setup):
+  """At the jaxpr level, before XLA's dead-code elimination: the step differentiates the
+  adapter leaves only, so no kernel-shaped product appears for any frozen kernel, adapted
+  or not (here ``key``, ``out`` and ``fc2`` are not targets)."""
+  model, x, y, base, _, unroll = setup
+  params = jlora.init(jax.random.key(3), base, jlora.LoraConfig(rank=4, targets=["query", "value", "fc1"]),
+                      fn=model.apply, args=(x,))
+  step, tx = _lora_step(model, y, params, unroll=unroll)
+  shapes = {tuple(sorted(np.shape(v))) for v in jax.tree.leaves(base) if np.ndim(v) >= 2}
+  assert kernel_shaped_products(jax.make_jaxpr(step)(params, tx.init(params), x), shapes) == []
+  # the same loss differentiated with respect to the whole tree does compute them
+  full = jax.make_jaxpr(jax.grad(lambda p: jnp.mean((jlora.lora(model.apply)(p, x) - y) ** 2)))
+  assert kernel_shaped_products(full(params), shapes)
+
+
+def test_nnx_with_dropout_and_bf16_through_train_step():
+  """NNX state holds rng keys and uint32 counters (nnx.Dropout); bf16 kernels with float32
+  adapters: both train through train_step, frozen leaves bitwise unchanged."""
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.fc1 = nnx.Linear(8, 16, rngs=rngs, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
+      self.drop = nnx.Dropout(0.2, rngs=rngs)
+      self.fc2 = nnx.Linear(16, 4, rngs=rngs)
+
+    def __call__(self, x):
+      return self.fc2(self.drop(nnx.relu(self.fc1(x))).astype(jnp.float32))
+
+  graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+  kinds = {str(tree_lib.value(v).dtype) for v in tree_lib.flatten(state).values()}
+  assert "uint32" in kinds and "bfloat16" in kinds
+  fn = lambda s, x: nnx.merge(graphdef, s)(x)
+  x = jax.random.normal(jax.random.key(1), (32, 8))
+  y = jax.random.normal(jax.random.key(2), (32, 4))
+  params = jlora.init(jax.random.key(3), state, jlora.LoraConfig(rank=2, dtype="float32"),
+                      fn=fn, args=(x,))
+  loss = lambda p, x, y: jnp.mean((jlora.lora(fn, on_fallback="error")(p, x) - y) ** 2)
+  tx = jlora.optimizer(optax.adam(1e-2), params)
+  step = jlora.train_step(loss, tx, donate=False)
+  p, s = params, tx.init(params)
+  losses = []
+  for _ in range(5):
+    p, s, l = step(p, s, x, y)
+    losses.append(float(l))
+  assert losses[-1] < losses[0]
+  before, after = tree_lib.flatten(params), tree_lib.flatten(p)
+  for path, leaf in before.items():
+    a, b = tree_lib.value(leaf), tree_lib.value(after[path])
+    if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+      a, b = jax.random.key_data(a), jax.random.key_data(b)
+    moved = not np.array_equal(np.asarray(a), np.asarray(b))
+    assert moved == (path[-1] in ("lora_a", "lora_b")), path

@@ -24,3 +24,18 @@ def test_quickstart_runs_and_trains(capsys):
   # the merged params run the model as the adapted params do
   np.testing.assert_allclose(model.apply(scope["merged"], x), jlora.lora(model.apply)(params, x),
                              rtol=1e-4, atol=1e-5)
+
+
+def test_package_installs_jlora_only():
+  """The wheel holds ``jlora`` alone: ``experiments`` runs from the checkout, and must not
+  land as a top-level package in users' environments."""
+  import tomllib
+  from pathlib import Path
+
+  import setuptools
+  root = Path(__file__).resolve().parents[1]
+  cfg = tomllib.loads((root / "pyproject.toml").read_text())
+  include = cfg["tool"]["setuptools"]["packages"]["find"]["include"]
+  found = setuptools.find_packages(where=str(root), include=include)
+  assert found and all(p == "jlora" or p.startswith("jlora.") for p in found), found
+  assert cfg["project"]["requires-python"] == ">=3.11"
