@@ -51,19 +51,22 @@ def like(x, spec) -> NamedSharding | None:
 
 def reshard(x, sharding):
   """``x`` laid out as ``sharding`` (None: as it is). Inside a trace only the
-  Explicit axes of a spec can be asked for; outside, any."""
+  Explicit axes of a spec can be asked for (and are: the others are dropped);
+  outside, any."""
   if sharding is None:
     return x
-  if isinstance(x, jax.core.Tracer):
-    target = typed(x)
-    if target is None or not isinstance(sharding, NamedSharding):
-      return x
-    names = {n for n, t in zip(sharding.mesh.axis_names, sharding.mesh.axis_types)
-             if t == AxisType.Explicit}
-    spec = tuple(_keep(e, names) for e in sharding.spec)
-    sharding = NamedSharding(target.mesh, P(*spec))
-    return x if sharding.spec == target.spec else _reshard(x, sharding)
-  return jax.device_put(x, sharding)
+  if not isinstance(x, jax.core.Tracer):
+    return jax.device_put(x, sharding)
+  if not isinstance(sharding, NamedSharding):
+    return x
+  names = {n for n, t in zip(sharding.mesh.axis_names, sharding.mesh.axis_types)
+           if t == AxisType.Explicit}
+  spec = tuple(_keep(e, names) for e in sharding.spec)
+  spec += (None,) * (jnp.ndim(x) - len(spec))
+  if not names or (typed(x) is not None and typed(x).mesh == sharding.mesh
+                   and entries(x) == spec):
+    return x
+  return _reshard(x, NamedSharding(sharding.mesh, P(*spec)))
 
 
 def _keep(entry, names):

@@ -197,11 +197,14 @@ def test_init_under_jit_follows_explicit_kernels():
     build = lambda: init(jax.tree.map(jax.sharding.reshard, ms.model(name, True)[1], where))
     s = jlora.shardings(jax.eval_shape(build))
   built = jax.jit(build, out_shardings=s)()  # outside set_mesh: s names the concrete mesh
+  outside = jax.jit(init)(base)              # the kernels' types name their mesh
   ref = _init_values(name)
   for p, leaf in tree_lib.flatten(params).items():
     v, e = tree_lib.value(leaf), tree_lib.value(tree_lib.flatten(eager)[p])
     assert v.sharding.is_equivalent_to(e.sharding, v.ndim), p
-    assert tree_lib.value(tree_lib.flatten(built)[p]).sharding.is_equivalent_to(e.sharding, v.ndim)
+    for other in (built, outside):
+      assert tree_lib.value(tree_lib.flatten(other)[p]).sharding.is_equivalent_to(e.sharding,
+                                                                                 v.ndim), p
     np.testing.assert_array_equal(np.asarray(v), np.asarray(tree_lib.value(ref[p])))
 
 
