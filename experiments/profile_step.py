@@ -41,11 +41,10 @@ import time
 import jax
 
 from experiments import bench, common
+from experiments.collectives import INSTRUCTION, computations
 
 NAME = "profile_step"
 GROUPS = ("products", "copies", "other")
-# An HLO instruction line: ``[ROOT] %name = <shape, maybe a tuple> opcode(...``.
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*.*?\s([\w\-]+)\(")
 
 
 def hlo_groups(hlo: str) -> dict[str, str]:
@@ -54,28 +53,18 @@ def hlo_groups(hlo: str) -> dict[str, str]:
   A fusion is a product when its fused computation contains a ``dot`` or a
   ``convolution``, a copy when it contains only copies, transposes and bitcasts.
   """
-  bodies: dict[str, list[str]] = {}
-  current = None
-  for line in hlo.splitlines():
-    head = re.match(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(", line)  # unindented header
-    if head and line.rstrip().endswith("{"):
-      current = head.group(1)
-      bodies[current] = []
-    elif current is not None and line.strip() == "}":
-      current = None
-    elif current is not None:
-      bodies[current].append(line)
+  bodies, _ = computations(hlo)
 
   def opcodes(lines):
-    return {m.group(2) for l in lines if (m := _INSTRUCTION.match(l))}
+    return {m.group("op") for l in lines if (m := INSTRUCTION.match(l))}
 
   groups = {}
   for lines in bodies.values():
     for line in lines:
-      m = _INSTRUCTION.match(line)
+      m = INSTRUCTION.match(line)
       if not m:
         continue
-      name, op = m.groups()
+      name, op = m.group("name"), m.group("op")
       inner = set()
       if op == "fusion" and (c := re.search(r"calls=%?([\w.\-]+)", line)):
         inner = opcodes(bodies.get(c.group(1), []))

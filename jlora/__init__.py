@@ -24,6 +24,7 @@ from jlora.per_example import stack_adapters, unstack_adapters
 from jlora.quant import Quantized
 from jlora.quantize import quantize
 from jlora.sd_lora import load_sd_lora, save_sd_lora
+from jlora.sharding import shardings
 from jlora.summary import ParamCount, adapter_bytes, count_params, summary
 from jlora.transform import init
 
@@ -34,6 +35,6 @@ __all__ = [
     "ParamCount", "Quantized", "Split", "adapter_bytes", "adapters", "analysis", "combine",
     "count_params", "deltas", "init", "load", "load_peft", "load_sd_lora", "lora",
     "map_adapters", "merge", "mix", "optimizer", "partition", "quantize", "save", "save_peft",
-    "save_sd_lora", "scale", "split_trainable", "stack_adapters", "summary", "train_step",
-    "trainable_mask", "unmerge", "unstack_adapters", "value_and_grad",
+    "save_sd_lora", "scale", "shardings", "split_trainable", "stack_adapters", "summary",
+    "train_step", "trainable_mask", "unmerge", "unstack_adapters", "value_and_grad",
 ]

@@ -42,9 +42,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import adapter as adapter_lib
+from jlora import explicit
 from jlora import merge as merge_lib
-from jlora import quant
 from jlora import per_example
+from jlora import quant
 from jlora import tracing
 from jlora import tree as tree_lib
 from jlora import walk
@@ -520,33 +521,44 @@ def _dot_general(eqn, ins, walker: _Factored):
   x_free = [lab for lab in x_labels if lab[0] == "x"]
   q_free = [lab for lab in q_labels if lab != "r" and lab not in b_labels]
   sizes = {**dict(zip(x_labels, np.shape(xl))), **dict(zip(q_labels, np.shape(q)))}
-  lead = [math.prod(sizes[lab] for lab in b_labels)] if b_labels else []
-  flat = lambda arr, labels, order, *shape: jnp.reshape(
-      jnp.transpose(arr, [labels.index(lab) for lab in order]), lead + list(shape))
+  lead = [len(b_labels)] if b_labels else []
+  flat = lambda arr, labels, groups: explicit.merge_axes(
+      jnp.transpose(arr, [labels.index(lab) for g in groups for lab in g]),
+      lead + [len(g) for g in groups[1:]])
   prod = lambda labs: math.prod(sizes[lab] for lab in labs)
-  x2 = flat(xl, x_labels, b_labels + x_free + c_labels, prod(x_free), prod(c_labels))
-  p2 = flat(p, p_labels, b_labels + c_labels + ["r"], prod(c_labels), k.rank)
-  q2 = flat(q, q_labels, b_labels + ["r"] + q_free, k.rank, prod(q_free))
+  x2 = flat(xl, x_labels, [b_labels, x_free, c_labels])
+  p2 = flat(p, p_labels, [b_labels, c_labels, ["r"]])
+  q2 = flat(q, q_labels, [b_labels, ["r"], q_free])
   scale = jnp.reshape(_expand(k.ad.scale, k.stack_labels, b_labels), (-1,)) if b_labels \
       else k.ad.scale
   k_free = [lab for lab in k.axes if lab not in c_labels and lab not in b_labels]
   target = b_labels + (k_free + x_free if kernel_left else x_free + k_free)
   unroll = k.rank <= walker.unroll_max_rank
-  if (not unroll and walker.whole_product and not b_labels and xl is x and not kernel_left
-      and not k.quantized
-      and x_labels == x_free + c_labels and list(k.axes) == c_labels + k_free == c_labels + q_free
-      and x.dtype == k.dtype and kw.get("preferred_element_type") in (None, x.dtype)):
+  base = lambda: _base_product(eqn, k, x, kernel_left, kw)
+  # On Explicit mesh axes the branch is laid out like the base product's output
+  # (``y_at``: its spec entry per label); elsewhere nothing is said about layouts.
+  y = base() if explicit.typed(x) is not None else None
+  y_at = {} if y is None else dict(zip(target, explicit.entries(y)))
+  if y is not None:
+    p2, q2 = _branch_layout(x2, p2, q2, y_at, q_free, sizes, bool(b_labels))
+  elif (not unroll and walker.whole_product and not b_labels and xl is x and not kernel_left
+        and not k.quantized and jax.device_count() == 1
+        and x_labels == x_free + c_labels and list(k.axes) == c_labels + k_free == c_labels + q_free
+        and x.dtype == k.dtype and kw.get("preferred_element_type") in (None, x.dtype)):
     # x·W + s·(x·A)·B as one product of plain matrices (see branch.lora_matmul); every
     # reshape here is a bitcast, since x and W are already laid out (T, C) and (C, N).
+    # One device only: its concatenations are laid out for one, and a partitioner
+    # reshards them (measured with FSDP on Auto mesh axes: all-to-alls and permutes).
     y = lora_matmul(x2, jnp.reshape(k.base(), (prod(c_labels), prod(k_free))), p2, q2, scale,
                     kw.get("precision"))
     y = jnp.reshape(y, [sizes[lab] for lab in x_free + k_free])
     return y if k.ad.m is None else y * _dora_factor(k, target, y.dtype)
   u = lora_branch(x2, p2, q2, scale, bool(b_labels), kw.get("precision"), unroll)
-  u = jnp.reshape(u, [sizes[lab] for lab in b_labels + x_free + q_free])
   u_labels = b_labels + x_free + q_free
+  u = explicit.split_axes(u, lead + [len(x_free), len(q_free)], [sizes[lab] for lab in u_labels],
+                          [y_at.get(lab) for lab in u_labels])
   y_lora = jnp.transpose(u, [u_labels.index(lab) for lab in target])
-  y = _base_product(eqn, k, x, kernel_left, kw)
+  y = base() if y is None else y
   if k.ad.m is not None:
     f = _dora_factor(k, target, y.dtype)
     y, y_lora = y * f, y_lora * f
@@ -564,6 +576,9 @@ def _base_product(eqn, k: _Kernel, x, kernel_left: bool, kw: dict):
   q/k/v/out kernel into another layout on every step (13 kernel-sized float32 copies on
   ``experiments.bench``'s transformer). Any other layout runs the equation as written.
 
+  On Explicit mesh axes the equation runs as written, with its ``out_sharding``: the
+  reshapes above are not all expressible there, and the layout is the model's own.
+
   Returns the product in ``eqn``'s output layout.
   """
   (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
@@ -575,9 +590,12 @@ def _base_product(eqn, k: _Kernel, x, kernel_left: bool, kw: dict):
   nb = len(b_labels)
   roles = ["b" if lab in b_labels else "c" if lab in c_labels else "f" for lab in stored]
   runs = (["c"] * len(c_labels) + ["f"] * len(k_free), ["f"] * len(k_free) + ["c"] * len(c_labels))
-  if not k_free or roles[:nb] != ["b"] * nb or roles[nb:] not in runs:
+  if (explicit.typed(x) is not None or not k_free or roles[:nb] != ["b"] * nb
+      or roles[nb:] not in runs):
     dn = eqn.params["dimension_numbers"]
-    op = lambda x, w: jax.lax.dot_general(*((w, x) if kernel_left else (x, w)), dn, **kw)
+    out_sharding = {p: eqn.params[p] for p in ("out_sharding",) if p in eqn.params}
+    op = lambda x, w: jax.lax.dot_general(*((w, x) if kernel_left else (x, w)), dn, **kw,
+                                          **out_sharding)
     return k.product(op, x, k.current)
   c_first = roles[nb] == "c"
   s_b, s_c, s_f = stored[:nb], [lab for lab in stored if lab in c_labels], \
@@ -600,6 +618,22 @@ def _base_product(eqn, k: _Kernel, x, kernel_left: bool, kw: dict):
   x_labels = [("x", i) for i in x_free]
   target = b_labels + (k_free + x_labels if kernel_left else x_labels + k_free)
   return jnp.transpose(y, [y_labels.index(lab) for lab in target])
+
+
+def _branch_layout(x2, p2, q2, y_entries: dict, q_free: list, sizes: dict, batched: bool):
+  """On Explicit mesh axes: the factors laid out for the branch to run where the base
+  product runs. ``p2 (L?, C, r)`` takes ``x2``'s sharding of the contracted axis (an
+  FSDP-sharded A is gathered, like its kernel; under tensor parallelism this is
+  already so), and ``q2 (L?, r, N)`` takes the base output's sharding of its output
+  axes (``y_entries``, per label). Each ``reshard`` is outside the branch's
+  ``custom_vjp``, so autodiff transposes it (to a slice of the summed gradient)."""
+  xe = explicit.entries(x2)
+  lead = xe[:1] if batched else ()
+  mesh = explicit.typed(x2).mesh
+  _, n = explicit.merged(tuple(y_entries[lab] for lab in q_free),
+                         tuple(sizes[lab] for lab in q_free), dict(mesh.shape))
+  return (explicit.reshard(p2, explicit.like(p2, lead + (xe[-1], None))),
+          explicit.reshard(q2, explicit.like(q2, lead + (None, n))))
 
 
 def _dora_factor(k: _Kernel, labels, dtype):

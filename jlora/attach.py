@@ -29,13 +29,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 
 from jlora import adapter as adapter_lib
+from jlora import quant
+from jlora import sharding as sharding_lib
 from jlora import tree as tree_lib
 from jlora.adapter import Adapter
 from jlora.merge import original_kernel, residual_kernel
-from jlora.sharding import placed_like
 from jlora.tree import Path, path_str
 
 
@@ -60,10 +62,15 @@ def shape_text(leaves) -> str:
                    if role in ("lora_a", "lora_b", "lora_m"))
 
 
-def _place(kernel, leaves: dict) -> dict:
-  """Loaded leaves put where their kernel lives. The one placement call site of the
-  loaders: when ``jlora.shardings`` lands, the per-leaf shardings go here."""
-  return placed_like(kernel, leaves)
+def _place(kernel, split, leaves: dict, where: str) -> dict:
+  """Loaded leaves put where their kernel lives, by ``jlora.sharding``'s rule (the one
+  placement call site of the loaders). A kernel with no placement (uncommitted)
+  leaves them as they are."""
+  s = sharding_lib.carried(kernel.codes if quant.is_quantized(kernel) else kernel)
+  if s is None:
+    return leaves
+  rule = sharding_lib.adapter_shardings(s, split, len(kernel.shape), where=where)
+  return {role: jax.device_put(v, rule[role]) for role, v in leaves.items()}
 
 
 def check_template(found: dict, loaded: Sequence[Loaded], flat, what: str) -> None:
@@ -126,15 +133,17 @@ def attach(params, loaded: Sequence[Loaded], what: str):
   out = {p: v for p, v in flat.items() if p not in owned}
   for l in loaded:
     leaf = flat[l.path]  # the loaders check that every kernel is there
-    w = tree_lib.value(leaf)
+    w = quant.read_kernel(flat, l.path)
     mine = {r: tree_lib.value(flat[p]) for r, p in found.get(l.path, {}).items()}
     leaves = {r: (v.astype(mine[r].dtype) if r in mine else v) for r, v in l.leaves.items()}
     if "lora_dropout" in mine and "lora_dropout" not in leaves:
       leaves["lora_dropout"] = mine["lora_dropout"]
     ad = _adapter(l.path, w, leaves)
-    out[l.path] = tree_lib.rewrap(leaf, _kernel(w, ad.split, mine, leaves))
+    kernel = _kernel(w, ad.split, mine, leaves)
+    if kernel is not w:
+      out[l.path] = tree_lib.rewrap(leaf, kernel)
     where = adapter_lib.role_paths(l.path)
-    for role, arr in _place(w, leaves).items():
+    for role, arr in _place(w, ad.split, leaves, l.name).items():
       p = where[role]
       out[p] = (tree_lib.rewrap(flat[p], arr) if p in owned
                 else adapter_lib.new_leaf(leaf, arr, role))
@@ -156,6 +165,11 @@ def _kernel(w, split, mine: dict, leaves: dict):
   if theirs == (True, True) and all(
       np.array_equal(np.asarray(mine[r]), np.asarray(leaves[r])) for r in adapter_lib.RESIDUAL_ROLES):
     return w  # the template was built by the same residual init: keep its exact kernel
+  if quant.is_quantized(w):
+    raise ValueError(
+        "a PiSSA/OLoRA adapter rewrites its kernel to the residual W - A0·B0, but the kernel"
+        " is quantized and the residual would need quantizing again: load it onto the float"
+        " base, then jlora.quantize the result.")
   if "lora_a0" in mine:
     w = original_kernel(w, split, mine["lora_a0"], mine["lora_b0"])
   if "lora_a0" in leaves:

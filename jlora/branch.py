@@ -40,6 +40,14 @@ dead code: the compiled step's FLOPs are the same as with a zero cotangent
 
 A ``custom_vjp`` has no forward-mode derivative: ``jax.jvp``/``jacfwd`` through
 ``jlora.lora(fn)`` need ``mode="merged"``.
+
+On Explicit mesh axes (``jlora.explicit``) a hand-written backward must name the
+sharding of every product JAX cannot infer, as JAX's own transpose rules do: each
+cotangent is sharded like its primal (``gb`` like ``t``, ``dx`` like ``x``, ``dA``
+like ``A``, ``dB`` like ``B``), and ``t = x·A`` like ``x`` with the rank unsharded.
+``dA`` and ``dB`` contract the tokens, which data parallelism shards on both sides;
+``t`` and ``gb`` contract axes that a row- or column-parallel layer shards on both
+sides. ``lora_matmul`` is for one device (``jlora.lora`` does not use it on a mesh).
 """
 
 from __future__ import annotations
@@ -49,17 +57,22 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jlora import explicit
 
-def _dot(a, b, ca: int, cb: int, batched: bool, precision):
-  """Contract axis ``ca`` of ``a`` with ``cb`` of ``b``; axis 0 is shared when batched."""
+
+def _dot(a, b, ca: int, cb: int, batched: bool, precision, out_sharding=None):
+  """Contract axis ``ca`` of ``a`` with ``cb`` of ``b``; axis 0 is shared when batched.
+  ``out_sharding``: the result's, on Explicit mesh axes (None elsewhere)."""
   batch = ((0,), (0,)) if batched else ((), ())
-  return jax.lax.dot_general(a, b, (((ca,), (cb,)), batch), precision=precision)
+  return jax.lax.dot_general(a, b, (((ca,), (cb,)), batch), precision=precision,
+                             out_sharding=out_sharding)
 
 
-def _times_rank(t, m, m_rank_axis: int, batched: bool, precision, unroll: bool):
+def _times_rank(t, m, m_rank_axis: int, batched: bool, precision, unroll: bool,
+                out_sharding=None):
   """``t (L?, T, r)`` times ``m`` with its rank on ``m_rank_axis``: ``(L?, T, N)``."""
   if not unroll:
-    return _dot(t, m, t.ndim - 1, m_rank_axis, batched, precision)
+    return _dot(t, m, t.ndim - 1, m_rank_axis, batched, precision, out_sharding)
   if m_rank_axis != m.ndim - 2:
     m = jnp.swapaxes(m, -1, -2)  # (L?, r, N): one small transpose, then row slices
   # Four primitives per rank (two slices, a broadcasting multiply, an add): the
@@ -94,30 +107,37 @@ def lora_branch(x, a, b, s, batched: bool = False, precision=None, unroll: bool 
 
 
 def _forward(x, a, b, s, batched, precision, unroll):
-  t = _dot(x, a, x.ndim - 1, a.ndim - 2, batched, precision)
-  u = _times_rank(t, _scaled(s, b, batched), b.ndim - 2, batched, precision, unroll)
+  xe = explicit.entries(x)
+  t = _dot(x, a, x.ndim - 1, a.ndim - 2, batched, precision,
+           explicit.like(x, xe[:-1] + (None,)))
+  u = _times_rank(t, _scaled(s, b, batched), b.ndim - 2, batched, precision, unroll,
+                  explicit.like(x, xe[:-1] + explicit.entries(b)[-1:]))
   return u, (x, a, b, s, t)
 
 
 def _backward(batched, precision, unroll, res, g):
   x, a, b, s, t = res
-  gb = _dot(g, _scaled(s, b, batched), g.ndim - 1, b.ndim - 1, batched, precision)
-  dx = _times_rank(gb, a, a.ndim - 1, batched, precision, unroll)
-  da, db, ds = _factor_grads(x, t, g, gb, b, s, batched, precision)
+  gb = _dot(g, _scaled(s, b, batched), g.ndim - 1, b.ndim - 1, batched, precision,
+            explicit.typed(t))
+  dx = _times_rank(gb, a, a.ndim - 1, batched, precision, unroll, explicit.typed(x))
+  ae = explicit.entries(a)
+  da, db, ds = _factor_grads(x, t, g, gb, b, s, batched, precision,
+                             explicit.like(a, ae[:-2] + (None, ae[-2])), explicit.typed(b))
   return (dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype), ds)
 
 
-def _factor_grads(x, t, g, gb, b, s, batched, precision):
+def _factor_grads(x, t, g, gb, b, s, batched, precision, da_t_sharding=None, db_sharding=None):
   """``dA = (gbᵀ·x)ᵀ``, ``dB = s·(tᵀ·g)`` and ``ds = Σ (tᵀ·g) ⊙ B``.
 
   The token contractions take the r-wide operand on the left (the one XLA
   transposes). ``x`` may carry extra trailing columns (``lora_matmul`` saves ``[x |
   t]``); only ``dA``'s matching rows are extra then. ``ds`` has the shape and dtype
-  of ``s``; where ``s`` is a constant, XLA drops it as dead code.
+  of ``s``; where ``s`` is a constant, XLA drops it as dead code. On Explicit axes
+  ``da_t_sharding`` and ``db_sharding`` are those of ``dAᵀ`` and ``dB``.
   """
   n = 1 if batched else 0  # the token axis
-  da = jnp.swapaxes(_dot(gb, x, n, n, batched, precision), -1, -2)
-  tg = _dot(t, g, n, n, batched, precision)                     # (L?, r, N)
+  da = jnp.swapaxes(_dot(gb, x, n, n, batched, precision, da_t_sharding), -1, -2)
+  tg = _dot(t, g, n, n, batched, precision, db_sharding)          # (L?, r, N)
   ds = jnp.sum(tg.astype(jnp.float32) * b.astype(jnp.float32), axis=(-2, -1))
   return da, _scaled(s, tg, batched), ds.astype(jnp.result_type(s))
 

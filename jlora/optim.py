@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import optax
 
 from jlora import adapter as adapter_lib
+from jlora import sharding as sharding_lib
 from jlora import tree as tree_lib
-from jlora.sharding import placed_like
 from jlora.tree import Path
 
 
@@ -122,11 +122,15 @@ def optimizer(tx: optax.GradientTransformation, params, *,
     if not lora_plus_ratio > 0:
       raise ValueError(f"lora_plus_ratio must be > 0; got {lora_plus_ratio!r}.")
     tx = optax.chain(tx, _scale_b(float(lora_plus_ratio)))
-  reference = next(iter(jax.tree.leaves(params)), None)
 
   def init(params):
-    # The state lives where the params do (see sharding.placed_like).
-    return placed_like(reference, tx.init(split_trainable(params)[0]))
+    # The state lives where the params do: each moment beside its param, built there.
+    trainable = split_trainable(params)[0]
+    where = tree_lib.flatten(trainable)
+    if all(sharding_lib.carried(v) is None for v in where.values()):
+      return tx.init(trainable)
+    state = jax.eval_shape(tx.init, trainable)
+    return sharding_lib.build(tx.init, (trainable,), sharding_lib.shardings(state, params=trainable))
 
   def update(updates, state, params=None):
     flat = tree_lib.flatten(updates)
@@ -166,6 +170,10 @@ def train_step(loss_fn: Callable, tx: AdapterOptimizer, *,
       (``jax.tree.map(jnp.copy, base)``) to ``init`` if you need the base
       afterwards, or use ``jlora.partition(params)[1]``.
 
+  On a mesh the step returns params and optimizer state sharded exactly as they
+  came in (``jlora.sharding.keep_placement``), so it compiles once and donation
+  works; the batch is placed as you place it.
+
   The step differentiates the loss with respect to the trainable adapter leaves
   only (``split_trainable``), so it accepts any tree (integer and key leaves
   too), computes no weight gradient for a frozen leaf, and makes no host round
@@ -186,4 +194,4 @@ def train_step(loss_fn: Callable, tx: AdapterOptimizer, *,
 
   if not jit:
     return step
-  return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+  return sharding_lib.keep_placement(step, 2, donate_argnums=(0, 1) if donate else ())

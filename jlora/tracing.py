@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from jlora import explicit
 from jlora import tree as tree_lib
 
 
@@ -36,16 +37,23 @@ def _split_leaves(params, args, kwargs):
   return leaves, treedef, [i for i, x in enumerate(leaves) if _is_dynamic(x)]
 
 
+def _aval(x) -> jax.ShapeDtypeStruct:
+  """The abstract value ``x`` is traced as: its shape and dtype, and on Explicit mesh
+  axes its sharding, which is part of its type there (and so of the program's)."""
+  return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=explicit.typed(x))
+
+
 def signature(params, args=(), kwargs=None):
   """A hashable key for ``trace``'s result, or None when a static leaf is unhashable.
 
   Two calls with the same key trace to the same jaxpr: the same tree structure,
-  the same shape and dtype of every array leaf, and equal static leaves.
+  the same shape, dtype and (Explicit) sharding of every array leaf, and equal
+  static leaves.
   """
   leaves, treedef, dynamic = _split_leaves(params, args, kwargs)
   dyn = set(dynamic)
-  key = (treedef, tuple((np.shape(leaves[i]), str(leaves[i].dtype)) if i in dyn
-                        else ("static", leaves[i]) for i in range(len(leaves))))
+  key = (treedef, tuple((np.shape(leaves[i]), str(leaves[i].dtype), explicit.typed(leaves[i]))
+                        if i in dyn else ("static", leaves[i]) for i in range(len(leaves))))
   try:
     hash(key)
   except TypeError:
@@ -72,7 +80,7 @@ def trace(fn, params, args=(), kwargs=None) -> Traced:
     p, a, kw = jax.tree_util.tree_unflatten(treedef, full)
     return fn(p, *a, **kw)
 
-  avals = [jax.ShapeDtypeStruct(np.shape(leaves[i]), leaves[i].dtype) for i in dynamic]
+  avals = [_aval(leaves[i]) for i in dynamic]
   closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*avals)
   # params' leaves come first among the leaves of (params, args, kw)
   param_index = {param_paths[i]: k for k, i in enumerate(dynamic) if i < len(param_paths)}

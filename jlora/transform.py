@@ -24,15 +24,16 @@ import jax.numpy as jnp
 
 from jlora import adapter as adapter_lib
 from jlora import quant
+from jlora import sharding as sharding_lib
 from jlora import split as split_lib
 from jlora import targets as targets_lib
 from jlora import tree as tree_lib
 from jlora.config import LoraConfig
 from jlora.merge import column_norm, residual_kernel
-from jlora.sharding import placed_like
 
 
-def init(key, params, cfg: LoraConfig, *, fn=None, args=(), kwargs=None):
+def init(key, params, cfg: LoraConfig, *, fn=None, args=(), kwargs=None,
+         replicate: sharding_lib.Replicate = False):
   """Returns ``params`` with adapter leaves beside every targeted kernel.
 
   Args:
@@ -45,6 +46,16 @@ def init(key, params, cfg: LoraConfig, *, fn=None, args=(), kwargs=None):
     fn, args, kwargs: optionally the function you will wrap with ``jlora.lora``
       and example inputs; the kernels' in/out splits are then read from it
       (``split.read``) instead of the default rule.
+    replicate: where the adapters of sharded kernels go. ``False``: beside their
+      kernel, by ``jlora.sharding``'s rule; ``True``: replicated on its mesh; mesh
+      axis names: the rule without those axes. Pass the same to ``jlora.shardings``.
+
+  Placement: each adapter is built where its kernel lives, as global arrays (so
+  also across processes): on the kernel's device, or sharded like it on a mesh
+  (``jlora.sharding``). Under ``jit`` that holds on Explicit mesh axes, where the
+  kernel's sharding is part of its type; on Auto axes it cannot be seen, so give
+  that ``jit`` ``out_shardings=jlora.shardings(...)``. Uncommitted kernels get
+  uncommitted adapters.
 
   Returns:
     A new tree. With ``init="pissa"`` or ``"olora"`` the targeted kernels hold the
@@ -79,22 +90,48 @@ def init(key, params, cfg: LoraConfig, *, fn=None, args=(), kwargs=None):
         f" {quantized[0]!r} is quantized and the residual would need quantizing again."
         f" Initialize the float base with init={cfg.init!r}, then jlora.quantize the"
         " returned tree (its adapters keep their split), or use init='kaiming'.")
+  kernels = [quant.read_kernel(flat, t.path) for t in targets]
+  residual = cfg.init in ("pissa", "olora")
+
+  def make(key, kernels):
+    out = []
+    for t, w in zip(targets, kernels):
+      kernel, leaves = _init_one(jax.random.fold_in(key, zlib.crc32(t.name.encode())), w, t, cfg)
+      out.append((kernel if residual else None, leaves))
+    return out
+
+  # Each kernel's adapter is built where the kernel lives (see jlora.sharding); the
+  # kernel itself is an output only when the init rewrites it (PiSSA, OLoRA).
+  where = [_placement(w, t, cfg, replicate) for t, w in zip(targets, kernels)]
+  built = sharding_lib.build(make, (key, kernels), where)
   out = dict(flat)
-  for t in targets:
-    k = jax.random.fold_in(key, zlib.crc32(t.name.encode()))
+  for t, w, (kernel, leaves) in zip(targets, kernels, built):
     leaf = flat[t.path]
-    w = quant.read_kernel(flat, t.path)
-    kernel, leaves = _init_one(k, w, t, cfg)
     if quant.is_quantized(w):  # its scales must be per layer along the adapter's stack axes
       adapter_lib.check_layout(adapter_lib.Adapter(t.path, w, leaves["lora_a"], leaves["lora_b"],
                                                    leaves["lora_scale"]))
-    leaves = placed_like(tree_lib.value(leaf), leaves)
-    if kernel is not w:
+    if residual:
       out[t.path] = tree_lib.rewrap(leaf, kernel)
     roles = adapter_lib.role_paths(t.path)
     for role, arr in leaves.items():
       out[roles[role]] = adapter_lib.new_leaf(leaf, arr, role)
   return tree_lib.unflatten(out, params)
+
+
+def _placement(w, t: targets_lib.Target, cfg: LoraConfig, replicate):
+  """``(kernel sharding or None, {role: sharding})`` of what ``_init_one`` builds for
+  one target, or None where the kernel carries no placement to follow (an
+  uncommitted array, or a traced one on Auto mesh axes)."""
+  # a quantized kernel's codes have the kernel's axes (4-bit codes: half the last one)
+  s = sharding_lib.carried(w.codes if quant.is_quantized(w) else w)
+  if s is None:
+    return None
+  rule = sharding_lib.adapter_shardings(s, t.split, len(t.shape), replicate=replicate,
+                                        where=t.name)
+  residual = cfg.init in ("pissa", "olora")
+  roles = ["lora_a", "lora_b", "lora_scale"] + ["lora_m"] * cfg.dora \
+      + ["lora_dropout"] * (cfg.dropout > 0) + list(adapter_lib.RESIDUAL_ROLES) * residual
+  return (s if residual else None), {r: rule[r] for r in roles}
 
 
 def _init_one(key, w, t: targets_lib.Target, cfg: LoraConfig):
