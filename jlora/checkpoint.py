@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 
 from jlora import adapter as adapter_lib
 from jlora import attach as attach_lib
+from jlora import quant
 from jlora import tree as tree_lib
 
 FORMAT = "jlora-checkpoint"
@@ -242,7 +243,7 @@ def _check_base(records: list, flat, where: str) -> None:
       raise ValueError(
           f"{where} has an adapter on a kernel {rec['name']!r} of shape {want}, but params"
           " has no leaf there. Pass the base the adapter was trained on.")
-    w = tree_lib.value(flat[path])
+    w = quant.read_kernel(flat, path)  # a quantized kernel as the float kernel it stands for
     got = f"{tuple(np.shape(w))} {np.dtype(w.dtype).name}"
     if got != want:
       raise ValueError(

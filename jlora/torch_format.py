@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora import adapter as adapter_lib
+from jlora import quant
 from jlora import tree as tree_lib
 from jlora.adapter import Adapter, Split
 from jlora.attach import Loaded
@@ -283,14 +284,16 @@ def _layer_to_torch(ad: Adapter, residual: list, index: tuple, kind: str) -> Tor
 
 def _candidates(flat, found) -> dict[str, Path | None]:
   """``{module name: kernel path}`` of the leaves a file may adapt: adapted
-  kernels, and float leaves with 2+ axes (a module's ``kernel``/``embedding``
+  kernels, and float (or quantized) leaves with 2+ axes (a module's ``kernel``/``embedding``
   before others; None where a module has several other such leaves)."""
   owned = {p for roles in found.values() for p in roles.values()}
   out: dict[str, Path | None] = {module_name(kp): kp for kp in found}
   fixed = set(out)
-  for p, leaf in flat.items():
+  # a quantized kernel counts as the float kernel it stands for; its scales do not count
+  for p, leaf in quant.float_view(flat).items():
     arr = tree_lib.value(leaf)
-    if p in owned or p in found or np.ndim(arr) < 2 or not jnp.issubdtype(arr.dtype, jnp.floating):
+    if (p in owned or p in found or len(getattr(arr, "shape", np.shape(arr))) < 2
+        or not jnp.issubdtype(arr.dtype, jnp.floating)):
       continue
     name = module_name(p)
     if name in fixed:
@@ -366,7 +369,7 @@ def _layers(module, kp, flat, found, modules, lookup, what) -> dict | None:
     hit = find(module)
     if hit is not None:
       return {(): hit}
-    shape = np.shape(tree_lib.value(flat[kp])) if kp is not None and kp not in found else ()
+    shape = quant.read_kernel(flat, kp).shape if kp is not None and kp not in found else ()
     if len(shape) < 3 or find(layer_name(module, (0,))) is None:
       return None
     stack = shape[:1]  # a base kernel whose layers the file names: one stack axis
@@ -381,7 +384,7 @@ def _layers(module, kp, flat, found, modules, lookup, what) -> dict | None:
 
 
 def _from_file(kp: Path, flat, found, layers: dict, modules, what: str) -> Loaded:
-  w = tree_lib.value(flat[kp])
+  w = quant.read_kernel(flat, kp)  # a quantized kernel as the float kernel it stands for
   tmpl = adapter_lib.read(flat, kp, found[kp]) if kp in found else None
   n_stack = len(next(iter(layers)))
   shape = tuple(np.shape(w))[n_stack:]

@@ -492,3 +492,33 @@ def test_output_first_kernel():
   assert jlora.adapters(p)[0].out_first
   np.testing.assert_allclose(jlora.lora(model.apply, on_fallback="error")(p, x),
                              model.apply(jlora.merge(p), x), rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoint_and_peft_files_hold_the_adapter_only(tmp_path):
+  """``jlora.save``, ``save_peft`` and ``save_sd_lora`` on a QLoRA tree store the adapter
+  alone, and the loaders put it onto whatever quantized base they are given: loaded onto another
+  base, the codes and scales are that base's (bitwise) and the adapter leaves are the saved
+  ones."""
+  def base(seed):
+    params = {"params": {"fc1": {"kernel": jax.random.normal(jax.random.key(seed), (16, 32))},
+                         "fc2": {"kernel": jax.random.normal(jax.random.key(seed + 1), (32, 8))}}}
+    return jlora.quantize(params, ["fc1", "fc2"], bits=4, kind="nf4", group_size=8)
+  cfg = jlora.LoraConfig(rank=2, targets=["fc1", "fc2"])
+  p = jlora.map_adapters(lambda ad: ad._replace(b=ad.b + 0.25),   # a nonzero adapter
+                         jlora.init(jax.random.key(2), base(0), cfg))
+  jlora.save(tmp_path / "ckpt", p, step=1)
+  jlora.save_peft(tmp_path / "peft", p)
+  jlora.save_sd_lora(tmp_path / "kohya.safetensors", p)
+  other = base(10)
+  want = tree_lib.flatten(jlora.combine(jlora.partition(p)[0], other))
+  for loaded in (jlora.load(tmp_path / "ckpt", other).params,
+                 jlora.load_peft(tmp_path / "peft", other),
+                 jlora.load_sd_lora(tmp_path / "kohya.safetensors", other)):
+    got = tree_lib.flatten(loaded)
+    assert list(got) == list(want)
+    for path, w in want.items():
+      assert got[path].dtype == w.dtype, path
+      if jnp.issubdtype(w.dtype, jnp.integer):
+        assert np.array_equal(got[path], w), path
+      else:
+        np.testing.assert_allclose(got[path], w, rtol=1e-6, err_msg=str(path))
