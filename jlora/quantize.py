@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import math
 
+import jax
 import numpy as np
 
 from jlora import adapter as adapter_lib
 from jlora import quant
+from jlora import sharding as sharding_lib
 from jlora import split as split_lib
 from jlora import targets as targets_lib
 from jlora import tree as tree_lib
@@ -103,8 +105,19 @@ def quantize(params, targets: Selector = r"kernel$", *, bits: int = 8,
     w = tree_lib.value(flat[p])
     q = quant.quantize_array(w, split.in_axes(np.ndim(w)), n_stack=split.n_stack, bits=bits,
                              kind=kind, group_size=group, double_quant=double_quant)
+    q = _placed_like(w, q)
     out.update(quant.to_leaves(p, flat[p], q))
   return tree_lib.unflatten(out, params)
+
+
+def _placed_like(w, q: quant.Quantized) -> quant.Quantized:
+  """``q``'s arrays placed like the kernel ``w`` they came from, where ``w`` is a committed
+  array (``sharding.kept_axes``: codes and scales keep the kernel's spec entries)."""
+  s = sharding_lib.carried(w)
+  if s is None or isinstance(w, jax.core.Tracer):
+    return q
+  put = lambda x: jax.device_put(x, sharding_lib.kept_axes(s, np.shape(w), np.shape(x)))
+  return jax.tree.map(put, q)
 
 
 def _split(p, flat, view, sel, seen, adapted, qfound, bits: int, group: int | None):

@@ -122,6 +122,23 @@ def adapter_shardings(sharding: Sharding, split: Split, ndim: int, *,
                    " place the kernel with a jax.sharding.NamedSharding.")
 
 
+def kept_axes(sharding: Sharding, shape: tuple, new_shape: tuple) -> Sharding:
+  """The placement of an array derived from a kernel of ``shape`` sharded by ``sharding``
+  (its codes or scales, say): with the kernel's rank, each axis keeps the kernel's entry
+  where its size still divides by that entry's devices, and is replicated elsewhere; with
+  another rank, replicated. One device, or a non-named sharding, passes unchanged."""
+  if not isinstance(sharding, NamedSharding):
+    return sharding
+  if len(new_shape) != len(shape):
+    return NamedSharding(sharding.mesh, P(), memory_kind=sharding.memory_kind)
+  sizes = dict(sharding.mesh.shape)
+  devices = lambda e: int(np.prod([sizes[a] for a in ((e,) if isinstance(e, str) else e)]))
+  entries = _entries(sharding.spec, len(shape), "kernel")
+  kept = [e if e is not None and n % devices(e) == 0 else None
+          for e, n in zip(entries, new_shape)]
+  return NamedSharding(sharding.mesh, P(*kept), memory_kind=sharding.memory_kind)
+
+
 # ---------------------------------------------------------------------------
 # What a leaf carries.
 
@@ -217,11 +234,29 @@ def placement(params, *, base=None, replicate: Replicate = False) -> dict[Path, 
   out = {p: _concrete(s, mesh) if s is not None else _unplaced(p, flat[p], mesh)
          for p, s in have.items()}
   for kp, roles in found.items():
-    ad = adapter_lib.read(flat, kp, roles)
-    rule = adapter_shardings(out[kp], ad.split, np.ndim(ad.kernel), replicate=replicate,
+    stacked = adapter_lib.is_stacked(roles)
+    ad = (adapter_lib.read_stacked(flat, kp, roles).slot_shapes() if stacked
+          else adapter_lib.read(flat, kp, roles))
+    # ``kernel.shape``: a quantized kernel's is the float kernel's (4-bit codes pack the last axis)
+    rule = adapter_shardings(out[kp], ad.split, len(ad.kernel.shape), replicate=replicate,
                              where=path_str(kp))
+    if stacked:  # jlora.stack_adapters: a leading adapter axis, never sharded
+      rule = {role: _adapter_axis(s) for role, s in rule.items()}
+      rule[adapter_lib.STACKED_ROLE] = _adapter_axis(_replicated(out[kp]))
     out.update({p: rule[role] for role, p in roles.items()})
   return out
+
+
+def _adapter_axis(s: Sharding) -> Sharding:
+  """``s`` for an array with one more, unsharded, leading axis."""
+  if isinstance(s, NamedSharding):
+    return NamedSharding(s.mesh, P(None, *s.spec), memory_kind=s.memory_kind)
+  return s  # one device, or fully replicated
+
+
+def _replicated(s: Sharding) -> Sharding:
+  return NamedSharding(s.mesh, P(), memory_kind=s.memory_kind) if isinstance(s, NamedSharding) \
+      else s
 
 
 def shardings(tree, *, params=None, base=None, replicate: Replicate = False):

@@ -151,3 +151,31 @@ def test_explicit_helpers_say_nothing_off_explicit_axes():
   assert explicit.merge_axes(jnp.ones((2, 3, 4)), [2, 1]).shape == (6, 4)
   assert explicit.split_axes(jnp.ones((6, 4)), [2, 1], (2, 3, 4), (None,) * 3).shape == (2, 3, 4)
   assert math.prod(explicit.merge_axes(jnp.ones((2, 3)), [0, 2]).shape) == 6
+
+
+def test_stacked_adapters_and_quantized_kernels_follow_the_rule():
+  """``jlora.stack_adapters`` trees get the rule's specs behind an unsharded adapter axis
+  (``lora_ranks`` replicated), and a quantized kernel is read as the float kernel it stands
+  for (4-bit codes pack its last axis). A 1x1 mesh: the specs are what is checked."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+  at = lambda *spec: jax.sharding.NamedSharding(mesh, P(*spec))
+  base = {"q": {"kernel": jax.device_put(jax.random.normal(jax.random.key(0), (8, 2, 4)),
+                                         at(None, "model", None))},
+          "o": {"kernel": jax.device_put(jax.random.normal(jax.random.key(1), (2, 4, 8)),
+                                         at("model", None, None))}}
+  cfg = lambda r: jlora.LoraConfig(rank=r, targets=["q", "o"], in_axes={"q": 1, "o": 2})
+  adapters = [jlora.partition(jlora.init(jax.random.key(i), base, cfg(r)))[0]
+              for i, r in enumerate((2, 3))]
+  s = jlora.shardings(jlora.combine(jlora.stack_adapters(adapters), base))
+  spec = lambda leaf: tuple(leaf.spec) + (None,) * (4 - len(leaf.spec))
+  assert spec(s["q"]["lora_a"])[:3] == (None, None, None)          # (n, d, r)
+  assert spec(s["q"]["lora_b"])[:4] == (None, None, "model", None)  # (n, r, heads, head_dim)
+  assert spec(s["o"]["lora_a"])[:4] == (None, "model", None, None)  # (n, heads, head_dim, r)
+  assert spec(s["o"]["lora_ranks"])[:1] == (None,)
+  q = jlora.quantize(base, ["q", "o"], bits=4, group_size=4)
+  # quantize keeps the placement: codes and scales carry the kernel's entries
+  assert spec(q["o"]["kernel"].sharding)[:3] == ("model", None, None)
+  assert spec(q["q"]["quant_scale"].sharding)[:3] == (None, "model", None)
+  got = jlora.shardings(jlora.init(jax.random.key(2), q, cfg(2)))
+  assert spec(got["o"]["lora_a"])[:3] == ("model", None, None)
+  assert spec(got["q"]["lora_b"])[:3] == (None, "model", None)
