@@ -397,6 +397,10 @@ class _KeptJit:
     fn, args = self._for(args)
     return fn(*args)
 
+  def trace(self, *args):
+    fn, args = self._for(args)
+    return fn.trace(*args)
+
   def lower(self, *args):
     fn, args = self._for(args)
     return fn.lower(*args)
