@@ -351,10 +351,12 @@ def _two_processes(request, _two_process_ckpt):
 
 @devices.mesh_only
 @pytest.mark.slow
-def test_two_processes_match_one(_two_processes):
+def test_two_processes_match_one(_two_processes, _two_process_ckpt):
   """(2, 4) Explicit Megatron from 2 processes x 4 devices == 1 process x 8 devices.
   Both processes then save the trained adapters and Adam state to one directory
-  and load them back onto fresh adapters: the same bits, placed as saved."""
+  and load them back onto fresh adapters: the same bits, placed as saved. This
+  process loads that checkpoint too (its devices have other ids than the two
+  processes' had): onto its own mesh, and onto the unplaced base."""
   one = _run(*ms.TWO_PROCESS_CASE)
   w0, w1 = _two_processes.results(timeout=300)
   assert (w0["process_count"], w0["local_devices"], w0["devices"]) == (2, 4, 8)
@@ -371,3 +373,16 @@ def test_two_processes_match_one(_two_processes):
     assert not c["unequal"] and not c["moved"], c  # values gathered whole; shardings
   assert set(c0["sha256"]) == set(saved)
   assert c0["sha256"] == c1["sha256"]              # one global array per leaf, read twice
+
+  # One process of 8 devices reads it onto its mesh: the same bits, placed as its own run.
+  params, opt_state = ms.template(*ms.TWO_PROCESS_CASE[:2])
+  ck = jlora.load(_two_process_ckpt, params, opt_state=opt_state)
+  loaded = ms.checkpointed(ck.params, ck.opt_state)
+  assert {k: ms.digest(np.asarray(v)) for k, v in loaded.items()} == c0["sha256"]
+  for k, v in loaded.items():
+    assert v.sharding.is_equivalent_to(saved[k].sharding, v.ndim), k
+  # Onto the base as built, on no mesh: the adapters join their kernels' device.
+  ck = jlora.load(_two_process_ckpt, ms.model(*ms.TWO_PROCESS_CASE[:2])[1])
+  for k, v in ms.checkpointed(ck.params).items():
+    assert ms.digest(np.asarray(v)) == c0["sha256"][k], k
+    assert v.sharding.device_set == {jax.devices()[0]}, (k, v.sharding)
