@@ -62,14 +62,22 @@ def shape_text(leaves) -> str:
                    if role in ("lora_a", "lora_b", "lora_m"))
 
 
-def _place(kernel, split, leaves: dict, where: str) -> dict:
-  """Loaded leaves put where their kernel lives, by ``jlora.sharding``'s rule (the one
-  placement call site of the loaders). A kernel with no placement (uncommitted)
-  leaves them as they are."""
+def placement(kernel, split, where: str) -> dict | None:
+  """``{role: sharding}`` of the adapter leaves of ``kernel`` (an array or a
+  ``Quantized``, laid out by ``split``) by ``jlora.sharding``'s rule, or None for a
+  kernel with no placement (uncommitted)."""
   s = sharding_lib.carried(kernel.codes if quant.is_quantized(kernel) else kernel)
   if s is None:
+    return None
+  return sharding_lib.adapter_shardings(s, split, len(kernel.shape), where=where)
+
+
+def _place(kernel, split, leaves: dict, where: str) -> dict:
+  """Loaded leaves put where their kernel lives, by ``placement`` (the one placement
+  call site of the loaders). A kernel with no placement leaves them as they are."""
+  rule = placement(kernel, split, where)
+  if rule is None:
     return leaves
-  rule = sharding_lib.adapter_shardings(s, split, len(kernel.shape), where=where)
   return {role: jax.device_put(v, rule[role]) for role, v in leaves.items()}
 
 

@@ -234,6 +234,19 @@ def _target(d: dict, sharding=None):
   return jax.ShapeDtypeStruct(tuple(d["shape"]), np.dtype(d["dtype"]), sharding=sharding)
 
 
+def _read_to(rec: dict, flat) -> dict:
+  """``{role: sharding}`` to read the saved leaves of the adapter ``rec`` into: where
+  ``attach`` puts them, beside their kernel in ``flat`` (``attach.placement``), or this
+  process's first device for a kernel with no placement. Never the placement orbax
+  recorded: its device ids are the saving run's, and another process or device count
+  has others (orbax then fails with "Topology mismatch")."""
+  split = adapter_lib.Split(**rec["split"])
+  rule = attach_lib.placement(quant.read_kernel(flat, tuple(rec["path"])), split, rec["name"])
+  if rule is None:
+    return dict.fromkeys(rec["leaves"], jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+  return {role: rule[role] for role in rec["leaves"]}
+
+
 def _check_base(records: list, flat, where: str) -> None:
   """Every saved adapter's kernel is in ``flat``, with the saved shape and dtype."""
   for rec in records:
@@ -286,7 +299,9 @@ def load(directory, params, *, step: int | None = None, opt_state=None) -> Check
 
   Returns:
     ``Checkpoint(params, opt_state, step, metadata)``. Loaded adapter leaves are
-    placed like their kernels.
+    read straight to where their kernels are (onto a kernel's mesh, or this
+    process's first device for an unplaced kernel), so a step saved by another
+    number of processes or devices loads.
 
   Raises:
     FileNotFoundError: no finished step, or not the one asked for.
@@ -327,9 +342,10 @@ def load(directory, params, *, step: int | None = None, opt_state=None) -> Check
         adapter_lib.find(flat),
         [attach_lib.Loaded(tuple(r["path"]), {k: _target(v) for k, v in r["leaves"].items()})
          for r in records], flat, where)
+    read_to = [_read_to(rec, flat) for rec in records]
     items = {"adapters": ocp.args.StandardRestore(
-        {f"adapter{i}": {role: _target(d) for role, d in rec["leaves"].items()}
-         for i, rec in enumerate(records)})}
+        {f"adapter{i}": {role: _target(d, to[role]) for role, d in rec["leaves"].items()}
+         for i, (rec, to) in enumerate(zip(records, read_to))})}
     if opt_state is not None:
       if meta["opt_state"] is None:
         raise ValueError(f"{where} was saved without an optimizer state; pass opt_state=None.")

@@ -69,8 +69,8 @@ def free_port() -> int:
 
 
 class Processes:
-  """``script --process-id i --processes n --port P --out FILE`` started in ``n``
-  processes of ``n_devices`` devices each; ``results()`` waits for the JSON each
+  """``script --process-id i --processes n --port P --out FILE *args`` started in
+  ``n`` processes of ``n_devices`` devices each; ``results()`` waits for the JSON each
   writes to its FILE.
 
   Each process runs in its own process group, so a failed or hung one takes only
@@ -78,14 +78,14 @@ class Processes:
   the error carries the tail of every process's output.
   """
 
-  def __init__(self, script: str, n: int, n_devices: int):
+  def __init__(self, script: str, n: int, n_devices: int, args=()):
     self.dir = pathlib.Path(tempfile.mkdtemp())
     port, self.procs = free_port(), []
     for i in range(n):
       with open(self.dir / f"log{i}", "w") as log:
         self.procs.append(subprocess.Popen(
             [sys.executable, script, "--process-id", str(i), "--processes", str(n),
-             "--port", str(port), "--out", str(self.dir / f"out{i}.json")],
+             "--port", str(port), "--out", str(self.dir / f"out{i}.json"), *args],
             cwd=ROOT, env=env(n_devices), stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True))
 

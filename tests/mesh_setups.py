@@ -9,6 +9,7 @@ and trains 5 Adam steps with ``jlora.train_step``.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import warnings
 from typing import Callable, NamedTuple
@@ -234,3 +235,32 @@ def run(name: str, explicit: bool, *, steps: int = STEPS, unroll_max_rank: int =
         specs.append(_specs((params, opt)))
   return Run(losses, specs, expected, step._cache_size(), [str(w.message) for w in caught], hlo,
              mesh_, params, opt)
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints of a run.
+
+
+def template(name: str, explicit: bool):
+  """``(params, opt_state)`` to load a checkpoint of ``run(name, explicit)`` onto: the
+  base placed again, fresh adapters from ``jlora.init``, a fresh Adam state."""
+  mesh_, apply, base, x, _ = placed(name, explicit)
+  with jax.set_mesh(mesh_):
+    params = lora_params(name, apply, base, x)
+    return params, jlora.optimizer(optax.adam(1e-2), params).init(params)
+
+
+def checkpointed(params, opt_state=None) -> dict:
+  """``{name: array}`` of what ``jlora.save`` writes: the adapter leaves of ``params``
+  (``params/<path>``) and every leaf of ``opt_state`` (``opt_state<keystr>``)."""
+  out = {"params/" + tree_lib.path_str(p): tree_lib.value(v)
+         for p, v in tree_lib.flatten(params).items() if str(p[-1]).startswith("lora_")}
+  for kp, v in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
+    out["opt_state" + jax.tree_util.keystr(kp)] = v
+  return out
+
+
+def digest(x) -> str:
+  """SHA-256 of a host array's dtype, shape and bytes."""
+  x = np.ascontiguousarray(x)
+  return hashlib.sha256(f"{x.dtype.str}{x.shape}".encode() + x.tobytes()).hexdigest()

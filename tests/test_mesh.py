@@ -329,14 +329,21 @@ def test_readme_scaling_recipe():
   assert scope["params"]["params"]["fc2"]["lora_a"].sharding.spec == P("model", None)
 
 
+@pytest.fixture(scope="module")
+def _two_process_ckpt(tmp_path_factory):
+  """The checkpoint directory both processes save to and load from."""
+  return tmp_path_factory.mktemp("two_process_ckpt")
+
+
 @pytest.fixture(scope="module", autouse=True)
-def _two_processes(request):
+def _two_processes(request, _two_process_ckpt):
   """The two-process run, started with the module so that it works beside the
   other tests; ``test_two_processes_match_one`` collects it."""
   wanted = jax.device_count() == devices.N_DEVICES and any(
       item.name == "test_two_processes_match_one" for item in request.session.items)
   worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
-  procs = devices.Processes(worker, 2, 4) if wanted else None
+  args = ("--ckpt", str(_two_process_ckpt))
+  procs = devices.Processes(worker, 2, 4, args=args) if wanted else None
   yield procs
   if procs is not None:
     procs.close()
@@ -344,8 +351,12 @@ def _two_processes(request):
 
 @devices.mesh_only
 @pytest.mark.slow
-def test_two_processes_match_one(_two_processes):
-  """(2, 4) Explicit Megatron from 2 processes x 4 devices == 1 process x 8 devices."""
+def test_two_processes_match_one(_two_processes, _two_process_ckpt):
+  """(2, 4) Explicit Megatron from 2 processes x 4 devices == 1 process x 8 devices.
+  Both processes then save the trained adapters and Adam state to one directory
+  and load them back onto fresh adapters: the same bits, placed as saved. This
+  process loads that checkpoint too (its devices have other ids than the two
+  processes' had): onto its own mesh, and onto the unplaced base."""
   one = _run(*ms.TWO_PROCESS_CASE)
   w0, w1 = _two_processes.results(timeout=300)
   assert (w0["process_count"], w0["local_devices"], w0["devices"]) == (2, 4, 8)
@@ -354,3 +365,24 @@ def test_two_processes_match_one(_two_processes):
   for w in (w0, w1):
     assert w["cache_size"] == 1 and not w["moved"], w
     assert not [m for m in w["warnings"] if "donated" in m], w["warnings"]
+
+  saved = ms.checkpointed(one.params, one.opt_state)  # what the single process would save
+  c0, c1 = w0["checkpoint"], w1["checkpoint"]
+  for c in (c0, c1):
+    assert c["step"] == ms.STEPS and c["leaves"] == len(saved), c
+    assert not c["unequal"] and not c["moved"], c  # values gathered whole; shardings
+  assert set(c0["sha256"]) == set(saved)
+  assert c0["sha256"] == c1["sha256"]              # one global array per leaf, read twice
+
+  # One process of 8 devices reads it onto its mesh: the same bits, placed as its own run.
+  params, opt_state = ms.template(*ms.TWO_PROCESS_CASE[:2])
+  ck = jlora.load(_two_process_ckpt, params, opt_state=opt_state)
+  loaded = ms.checkpointed(ck.params, ck.opt_state)
+  assert {k: ms.digest(np.asarray(v)) for k, v in loaded.items()} == c0["sha256"]
+  for k, v in loaded.items():
+    assert v.sharding.is_equivalent_to(saved[k].sharding, v.ndim), k
+  # Onto the base as built, on no mesh: the adapters join their kernels' device.
+  ck = jlora.load(_two_process_ckpt, ms.model(*ms.TWO_PROCESS_CASE[:2])[1])
+  for k, v in ms.checkpointed(ck.params).items():
+    assert ms.digest(np.asarray(v)) == c0["sha256"][k], k
+    assert v.sharding.device_set == {jax.devices()[0]}, (k, v.sharding)
