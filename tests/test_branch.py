@@ -1,5 +1,7 @@
 """``jlora/branch.py``: the hand-written backward passes against autodiff of the plain formula."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,20 +27,34 @@ def _mats(t, c, n, r, seed=0):
           jax.random.normal(k[2], (c, r)) / np.sqrt(c), jax.random.normal(k[3], (r, n)))
 
 
-@pytest.mark.parametrize("c,n,r", [
-    (20, 64, 17),   # C + r < N: forward as [x | t]·[W ; sB]
-    (64, 20, 17),   # N + r < C: backward dx as [g | gb]·[W | A]ᵀ
-    (40, 40, 24),   # neither: two products each way
+@pytest.mark.parametrize("c,n,r,t", [
+    (20, 64, 17, 48),   # C + r < min(N, T): forward as [x | t]·[W ; sB]
+    (64, 20, 17, 48),   # N + r < min(C, T): backward dx as [g | gb]·[W | A]ᵀ
+    (20, 64, 17, 11),   # as the first, but fewer tokens than C + r: no kernel-sized copy
+    (40, 40, 24, 11),   # neither: two products each way
 ])
-def test_lora_matmul_matches_autodiff(c, n, r):
-  x, w, a, b = _mats(11, c, n, r)
+def test_lora_matmul_matches_autodiff(c, n, r, t):
+  x, w, a, b = _mats(t, c, n, r)
   s = jnp.float32(0.7)
   f = lambda x, w, a, b: branch.lora_matmul(x, w, a, b, s)
   ref = lambda x, w, a, b: x @ w + (x @ a) @ (s * b)
   _check_vjp(f, ref, (x, w, a, b), argnums=(0, 2, 3))
   # The frozen kernel gets an exact zero, never a computed weight gradient.
   _, vjp = jax.vjp(f, x, w, a, b)
-  assert not np.any(vjp(jnp.ones((11, n)))[1])
+  assert not np.any(vjp(jnp.ones((t, n)))[1])
+
+
+@pytest.mark.parametrize("t,wanted", [(11, False), (48, True)])
+def test_kernel_sized_copy_only_with_more_tokens_than_its_rows(t, wanted):
+  """``[W ; sB]`` is a (C + r) x N copy built from parameters alone, which XLA:CPU makes for
+  every layer at the start of the step; it is worth it only when it replaces a larger
+  tokens x N array."""
+  c, n, r = 20, 64, 17
+  x, w, a, b = _mats(t, c, n, r)
+  f = lambda a, b: jnp.sum(branch.lora_matmul(x, w, a, b, jnp.float32(0.7)) ** 2)
+  text = jax.jit(jax.grad(f, argnums=(0, 1))).lower(a, b).as_text()
+  copies = re.findall(rf"concatenate.*-> tensor<{c + r}x{n}xf32>", text)
+  assert bool(copies) == wanted, copies
 
 
 @pytest.mark.parametrize("r", [1, 8, 19])
