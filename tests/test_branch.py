@@ -44,16 +44,20 @@ def test_lora_matmul_matches_autodiff(c, n, r, t):
   assert not np.any(vjp(jnp.ones((t, n)))[1])
 
 
-@pytest.mark.parametrize("t,wanted", [(11, False), (48, True)])
-def test_kernel_sized_copy_only_with_more_tokens_than_its_rows(t, wanted):
-  """``[W ; sB]`` is a (C + r) x N copy built from parameters alone, which XLA:CPU makes for
-  every layer at the start of the step; it is worth it only when it replaces a larger
-  tokens x N array."""
-  c, n, r = 20, 64, 17
+@pytest.mark.parametrize("c,n,t,wanted", [
+    (20, 64, 11, False), (20, 64, 48, True),   # forward: [W ; sB], (C + r) x N
+    (64, 20, 11, False), (64, 20, 48, True),   # backward: [W | A], C x (N + r)
+])
+def test_kernel_sized_copy_only_with_more_tokens_than_its_rows(c, n, t, wanted):
+  """``[W ; sB]`` and ``[W | A]`` are kernel-sized copies built from parameters alone,
+  which XLA:CPU makes for every layer at the start of the step; each is worth it only
+  when it replaces a larger tokens-sized array."""
+  r = 17
   x, w, a, b = _mats(t, c, n, r)
-  f = lambda a, b: jnp.sum(branch.lora_matmul(x, w, a, b, jnp.float32(0.7)) ** 2)
-  text = jax.jit(jax.grad(f, argnums=(0, 1))).lower(a, b).as_text()
-  copies = re.findall(rf"concatenate.*-> tensor<{c + r}x{n}xf32>", text)
+  f = lambda x, a, b: jnp.sum(branch.lora_matmul(x, w, a, b, jnp.float32(0.7)) ** 2)
+  text = jax.jit(jax.grad(f, argnums=(0, 1, 2))).lower(x, a, b).as_text()
+  shape = f"{c + r}x{n}" if c + r < n else f"{c}x{n + r}"
+  copies = re.findall(rf"concatenate.*-> tensor<{shape}xf32>", text)
   assert bool(copies) == wanted, copies
 
 

@@ -329,6 +329,39 @@ def test_readme_scaling_recipe():
   assert scope["params"]["params"]["fc2"]["lora_a"].sharding.spec == P("model", None)
 
 
+@devices.mesh_only
+def test_loaders_and_residual_inits_place_like_the_rule(tmp_path):
+  """``load_peft``, ``load_sd_lora`` and ``jlora.load`` put loaded adapters where
+  ``jlora.shardings`` says (beside their kernels); PiSSA's ``lora_a0``/``lora_b0`` sit
+  like ``lora_a``/``lora_b`` and its residual kernel keeps the kernel's sharding."""
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+  at = lambda *spec: NamedSharding(mesh, P(*spec))
+  w = lambda k, shape, s: jax.device_put(jax.random.normal(jax.random.key(k), shape), s)
+  base = {"fc1": {"kernel": w(0, (16, 32), at(None, "model"))},
+          "fc2": {"kernel": w(1, (32, 16), at("model", None))}}
+  params = jlora.init(jax.random.key(2), base, jlora.LoraConfig(rank=4, targets=["fc1", "fc2"]))
+  want = tree_lib.flatten(jlora.shardings(params))
+  spec = lambda s: tuple(s.spec) + (None,) * (2 - len(s.spec))
+  jlora.save_peft(tmp_path / "peft", params)
+  jlora.save_sd_lora(tmp_path / "kohya.safetensors", params)
+  jlora.save(tmp_path / "ckpt", params, step=1)
+  for loaded in (jlora.load_peft(tmp_path / "peft", base),
+                 jlora.load_sd_lora(tmp_path / "kohya.safetensors", base),
+                 jlora.load(tmp_path / "ckpt", base).params):
+    for path, leaf in tree_lib.flatten(loaded).items():
+      if str(path[-1]).startswith("lora_"):
+        assert spec(leaf.sharding) == spec(want[path]), path
+  assert spec(want[("fc1", "lora_b")]) == (None, "model")
+  assert spec(want[("fc2", "lora_a")]) == ("model", None)
+  pissa = jlora.init(jax.random.key(3), base,
+                     jlora.LoraConfig(rank=4, targets=["fc1", "fc2"], init="pissa"))
+  for name in ("fc1", "fc2"):
+    got = pissa[name]
+    assert spec(got["lora_a0"].sharding) == spec(got["lora_a"].sharding), name
+    assert spec(got["lora_b0"].sharding) == spec(got["lora_b"].sharding), name
+    assert spec(got["kernel"].sharding) == spec(base[name]["kernel"].sharding), name
+
+
 @pytest.fixture(scope="module")
 def _two_process_ckpt(tmp_path_factory):
   """The checkpoint directory both processes save to and load from."""
