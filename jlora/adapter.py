@@ -305,7 +305,7 @@ def find(flat: Mapping[Path, Any]) -> dict[Path, dict[str, Path]]:
 
 def adapter_leaf_paths(flat: Mapping[Path, Any]) -> set[Path]:
   """The paths of every leaf that belongs to a complete adapter."""
-  return {p for roles in find(flat).values() for p in roles.values()}
+  return tree_lib.owned(find(flat))
 
 
 def _read_arrays(flat: Mapping[Path, Any], kernel_path: Path,

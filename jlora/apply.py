@@ -222,10 +222,12 @@ def lora(fn, *, mode: str = "factored", on_fallback: str = "warn", unroll_max_ra
       cache[key] = tracing.trace(fn, base, args, kwargs)
     return cache[key]
 
-  def factored(params, flat, adapters: dict, args, kwargs, rng, whole_product: bool = True):
-    """``fn`` on ``params`` (flat view ``flat``) with ``{kernel path: Adapter}`` applied,
-    factored; quantized kernels without an adapter enter as frozen quantized products."""
-    owned = adapter_lib.adapter_leaf_paths(flat)
+  def factored(params, flat, found, adapters: dict, args, kwargs, rng,
+               whole_product: bool = True):
+    """``fn`` on ``params`` (flat view ``flat``, its adapters ``found`` as
+    ``adapter.find`` gives them) with ``{kernel path: Adapter}`` applied, factored;
+    quantized kernels without an adapter enter as frozen quantized products."""
+    owned = tree_lib.owned(found)
     quantized = quant.find(flat)
     # ``fn`` is traced on the float model: quantized kernels as float placeholders.
     base = tree_lib.unflatten({p: v for p, v in quant.float_view(flat).items()
@@ -253,7 +255,7 @@ def lora(fn, *, mode: str = "factored", on_fallback: str = "warn", unroll_max_ra
     if mode == "merged" or not (found or quant.find(flat)):
       return fn(merge_lib.merge(params), *args, **kwargs)
     adapters = {kp: adapter_lib.read(flat, kp, roles) for kp, roles in found.items()}
-    return factored(params, flat, adapters, args, kwargs, lora_rng)
+    return factored(params, flat, found, adapters, args, kwargs, lora_rng)
 
   return wrapped
 

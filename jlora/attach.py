@@ -62,20 +62,11 @@ def shape_text(leaves) -> str:
                    if role in ("lora_a", "lora_b", "lora_m"))
 
 
-def placement(kernel, split, where: str) -> dict | None:
-  """``{role: sharding}`` of the adapter leaves of ``kernel`` (an array or a
-  ``Quantized``, laid out by ``split``) by ``jlora.sharding``'s rule, or None for a
-  kernel with no placement (uncommitted)."""
-  s = sharding_lib.carried(kernel.codes if quant.is_quantized(kernel) else kernel)
-  if s is None:
-    return None
-  return sharding_lib.adapter_shardings(s, split, len(kernel.shape), where=where)
-
-
 def _place(kernel, split, leaves: dict, where: str) -> dict:
-  """Loaded leaves put where their kernel lives, by ``placement`` (the one placement
-  call site of the loaders). A kernel with no placement leaves them as they are."""
-  rule = placement(kernel, split, where)
+  """Loaded leaves put where their kernel lives, by ``sharding.kernel_shardings`` (the
+  one placement call site of the loaders). A kernel with no placement leaves them as
+  they are."""
+  rule = sharding_lib.kernel_shardings(kernel, split, where=where)
   if rule is None:
     return leaves
   return {role: jax.device_put(v, rule[role]) for role, v in leaves.items()}
@@ -137,7 +128,7 @@ def attach(params, loaded: Sequence[Loaded], what: str):
   flat = tree_lib.flatten(params)
   found = adapter_lib.find(flat)
   check_template(found, loaded, flat, what)
-  owned = {p for roles in found.values() for p in roles.values()}
+  owned = tree_lib.owned(found)
   out = {p: v for p, v in flat.items() if p not in owned}
   for l in loaded:
     leaf = flat[l.path]  # the loaders check that every kernel is there

@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from jlora import adapter as adapter_lib
 from jlora import attach as attach_lib
 from jlora import quant
+from jlora import sharding as sharding_lib
 from jlora import tree as tree_lib
 
 FORMAT = "jlora-checkpoint"
@@ -236,12 +237,13 @@ def _target(d: dict, sharding=None):
 
 def _read_to(rec: dict, flat) -> dict:
   """``{role: sharding}`` to read the saved leaves of the adapter ``rec`` into: where
-  ``attach`` puts them, beside their kernel in ``flat`` (``attach.placement``), or this
-  process's first device for a kernel with no placement. Never the placement orbax
+  ``attach`` puts them, beside their kernel in ``flat`` (``sharding.kernel_shardings``),
+  or this process's first device for a kernel with no placement. Never the placement orbax
   recorded: its device ids are the saving run's, and another process or device count
   has others (orbax then fails with "Topology mismatch")."""
   split = adapter_lib.Split(**rec["split"])
-  rule = attach_lib.placement(quant.read_kernel(flat, tuple(rec["path"])), split, rec["name"])
+  rule = sharding_lib.kernel_shardings(quant.read_kernel(flat, tuple(rec["path"])), split,
+                                       where=rec["name"])
   if rule is None:
     return dict.fromkeys(rec["leaves"], jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
   return {role: rule[role] for role in rec["leaves"]}

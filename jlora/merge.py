@@ -105,7 +105,7 @@ def merge(params, *, dtype=None):
   flat = tree_lib.flatten(params)
   found = adapter_lib.find(flat)
   qfound = quant.find(flat)
-  drop = _adapter_leaves(found) | quant.owned(qfound)
+  drop = tree_lib.owned(found) | tree_lib.owned(qfound)
   out = {p: leaf for p, leaf in flat.items() if p not in drop}
   for kp, roles in qfound.items():
     if kp not in found:
@@ -113,10 +113,6 @@ def merge(params, *, dtype=None):
   for kp, roles in found.items():
     out[kp] = tree_lib.rewrap(flat[kp], merged_kernel(adapter_lib.read(flat, kp, roles), dtype))
   return tree_lib.unflatten(out, params)
-
-
-def _adapter_leaves(found) -> set:
-  return {p for roles in found.values() for p in roles.values()}
 
 
 def unmerge(merged, adapter):

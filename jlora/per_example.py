@@ -165,7 +165,7 @@ def unstack_adapters(stacked) -> list:
 def call(fn, factored, mode: str, params, flat, found, adapter_ids, rng, args, kwargs):
   """``jlora.lora(fn)(params, *args, adapter_ids=ids, lora_rng=rng, **kwargs)``.
 
-  ``factored(params, flat, {kernel path: Adapter}, args, kwargs, rng, whole_product)`` is
+  ``factored(params, flat, found, {kernel path: Adapter}, args, kwargs, rng, whole_product)`` is
   ``jlora.lora``'s factored evaluation of ``fn``; ``mode="merged"`` merges each
   example's adapter instead (a kernel per example: the reference, not a fast path).
   """
@@ -186,7 +186,7 @@ def call(fn, factored, mode: str, params, flat, found, adapter_ids, rng, args, k
   n = n.pop()
   ids = _check_ids(adapter_ids, n)
   batch = np.shape(ids)[0]
-  owned = {p for roles in found.values() for p in roles.values()}
+  owned = tree_lib.owned(found)
   # the float base model (a quantized base dequantized) for the merged reference
   base_flat = tree_lib.flatten(merge_lib.merge(
       tree_lib.unflatten({p: v for p, v in flat.items() if p not in owned}, params)))
@@ -210,7 +210,7 @@ def call(fn, factored, mode: str, params, flat, found, adapter_ids, rng, args, k
         merged[kp] = tree_lib.rewrap(base_flat[kp], merge_lib.merged_kernel(ad))
       out = fn(tree_lib.unflatten(merged, params), *args_b, **kwargs_b)
     else:
-      out = factored(params, flat, adapters, args_b, kwargs_b, key, whole_product=False)
+      out = factored(params, flat, found, adapters, args_b, kwargs_b, key, whole_product=False)
     return jax.tree.map(_unbatch, out)
 
   keys = None if rng is None else jax.random.split(rng, batch)

@@ -363,11 +363,6 @@ def _dtype(leaf):
   return getattr(tree_lib.value(leaf), "dtype", np.dtype(np.float64))
 
 
-def owned(found: Mapping[Path, Mapping[str, Path]]) -> set[Path]:
-  """The sibling leaves (not the codes) of the kernels ``find`` returned."""
-  return {p for roles in found.values() for p in roles.values()}
-
-
 def read(flat: Mapping[Path, Any], kernel_path: Path, roles: Mapping[str, Path]) -> Quantized:
   """The ``Quantized`` kernel at ``kernel_path`` (arrays unwrapped), its layout checked.
 
@@ -430,7 +425,7 @@ def float_view(flat: Mapping[Path, Any]) -> dict[Path, Any]:
   of its float shape and dtype (in its ``nnx.Variable`` where it had one), and its sibling
   leaves dropped. Target selection, split reading and tracing run on this view."""
   found = find(flat)
-  gone = owned(found)
+  gone = tree_lib.owned(found)
   out = {}
   for p, leaf in flat.items():
     if p in gone:

@@ -42,6 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P, Sharding
 
 from jlora import adapter as adapter_lib
 from jlora import explicit
+from jlora import quant
 from jlora import tree as tree_lib
 from jlora.adapter import Split
 from jlora.tree import Path, path_str
@@ -139,6 +140,18 @@ def kept_axes(sharding: Sharding, shape: tuple, new_shape: tuple) -> Sharding:
   return NamedSharding(sharding.mesh, P(*kept), memory_kind=sharding.memory_kind)
 
 
+def kernel_shardings(kernel, split: Split, *, replicate: Replicate = False,
+                     where: str = "kernel") -> dict[str, Sharding] | None:
+  """``adapter_shardings`` of the kernel an adapter is (to be) placed beside, from the
+  sharding the kernel carries; None when it carries none (uncommitted, or traced on
+  Auto axes). ``kernel`` may be a ``quant.Quantized``, whose codes have the kernel's
+  axes (4-bit codes: half the last one) and its placement."""
+  s = carried(kernel.codes if quant.is_quantized(kernel) else kernel)
+  if s is None:
+    return None
+  return adapter_shardings(s, split, len(kernel.shape), replicate=replicate, where=where)
+
+
 # ---------------------------------------------------------------------------
 # What a leaf carries.
 
@@ -227,7 +240,7 @@ def placement(params, *, base=None, replicate: Replicate = False) -> dict[Path, 
   flat = tree_lib.flatten(params)
   given = {p: carried(v) for p, v in tree_lib.flatten(base).items()} if base is not None else {}
   found = adapter_lib.find(flat)
-  owned = {p for roles in found.values() for p in roles.values()}
+  owned = tree_lib.owned(found)
   have = {p: given.get(p) or carried(v) for p, v in flat.items() if p not in owned}
   known = [s for s in have.values() if s is not None]
   mesh = _concrete_mesh(_mesh(known) or _context_mesh(), known)

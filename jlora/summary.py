@@ -34,7 +34,7 @@ def count_params(params) -> ParamCount:
   sizes = {p: int(np.size(tree_lib.value(v))) for p, v in flat.items()}
   quantized = quant.find(flat)
   sizes.update({p: quant.read(flat, p, roles).size for p, roles in quantized.items()})
-  owned = adapter_lib.adapter_leaf_paths(flat) | quant.owned(quantized)
+  owned = adapter_lib.adapter_leaf_paths(flat) | tree_lib.owned(quantized)
   trainable = sum(_trainable(flat, kp, roles, sizes)
                   for kp, roles in adapter_lib.find(flat).items())
   base = sum(n for p, n in sizes.items() if p not in owned)

@@ -286,7 +286,7 @@ def _candidates(flat, found) -> dict[str, Path | None]:
   """``{module name: kernel path}`` of the leaves a file may adapt: adapted
   kernels, and float (or quantized) leaves with 2+ axes (a module's ``kernel``/``embedding``
   before others; None where a module has several other such leaves)."""
-  owned = {p for roles in found.values() for p in roles.values()}
+  owned = tree_lib.owned(found)
   out: dict[str, Path | None] = {module_name(kp): kp for kp in found}
   fixed = set(out)
   # a quantized kernel counts as the float kernel it stands for; its scales do not count

@@ -122,16 +122,13 @@ def _placement(w, t: targets_lib.Target, cfg: LoraConfig, replicate):
   """``(kernel sharding or None, {role: sharding})`` of what ``_init_one`` builds for
   one target, or None where the kernel carries no placement to follow (an
   uncommitted array, or a traced one on Auto mesh axes)."""
-  # a quantized kernel's codes have the kernel's axes (4-bit codes: half the last one)
-  s = sharding_lib.carried(w.codes if quant.is_quantized(w) else w)
-  if s is None:
+  rule = sharding_lib.kernel_shardings(w, t.split, replicate=replicate, where=t.name)
+  if rule is None:
     return None
-  rule = sharding_lib.adapter_shardings(s, t.split, len(t.shape), replicate=replicate,
-                                        where=t.name)
-  residual = cfg.init in ("pissa", "olora")
+  residual = cfg.init in ("pissa", "olora")  # never on a quantized kernel (refused above)
   roles = ["lora_a", "lora_b", "lora_scale"] + ["lora_m"] * cfg.dora \
       + ["lora_dropout"] * (cfg.dropout > 0) + list(adapter_lib.RESIDUAL_ROLES) * residual
-  return (s if residual else None), {r: rule[r] for r in roles}
+  return (sharding_lib.carried(w) if residual else None), {r: rule[r] for r in roles}
 
 
 def _init_one(key, w, t: targets_lib.Target, cfg: LoraConfig):

@@ -40,6 +40,12 @@ def sibling(name: str, role: str) -> str:
   return role if name in BARE_NAMES else f"{name}_{role}"
 
 
+def owned(found: Mapping[Path, Mapping[str, Path]]) -> set[Path]:
+  """Every sibling leaf path of a ``{kernel path: {role: leaf path}}`` map (as
+  ``adapter.find`` and ``quant.find`` return), the kernels themselves excluded."""
+  return {p for roles in found.values() for p in roles.values()}
+
+
 def path_str(path: Path) -> str:
   """``("params", "layers", 0, "kernel")`` -> ``"params/layers/0/kernel"``."""
   return "/".join(str(k) for k in path)
