@@ -131,7 +131,7 @@ def kept_axes(sharding: Sharding, shape: tuple, new_shape: tuple) -> Sharding:
   if not isinstance(sharding, NamedSharding):
     return sharding
   if len(new_shape) != len(shape):
-    return NamedSharding(sharding.mesh, P(), memory_kind=sharding.memory_kind)
+    return _replicated(sharding)
   sizes = dict(sharding.mesh.shape)
   devices = lambda e: int(np.prod([sizes[a] for a in ((e,) if isinstance(e, str) else e)]))
   entries = _entries(sharding.spec, len(shape), "kernel")
